@@ -1,0 +1,142 @@
+"""PyTorch backend: diffusers' UNet / VAE and transformers' CLIP text encoders on CPU (fp32) or CUDA."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from ..errors import NitroError
+from ..models import LoadedModel
+from .base import Conditioning
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """CPU runs fp32 (or bf16); CUDA defaults to fp16. Unavailable devices are a clear error."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NitroError("--device cuda was asked for, but this machine has no CUDA device (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise NitroError(f"unsupported device {dev.type!r}: use cpu or cuda")
+    if dtype is None:
+        return dev, torch.float16 if dev.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise NitroError(f"unsupported dtype {dtype!r}: use one of float32, float16, bfloat16")
+    if dev.type == "cpu" and DTYPES[dtype] == torch.float16:
+        raise NitroError("float16 is not supported on the CPU: use float32 or bfloat16")
+    return dev, DTYPES[dtype]
+
+
+class TorchBackend:
+    """Runs one LoadedModel. Not thread-safe: one thread (the engine's) owns it."""
+
+    name = "torch"
+
+    def __init__(self, model: LoadedModel, device: str | None = None, dtype: str | None = None,
+                 text_cache_size: int = 1024):
+        self.model = model
+        self.device, self.dtype = resolve_device_dtype(device, dtype)
+        # The SDXL VAE overflows in fp16: decode in bf16 on CUDA, fp32 on the CPU.
+        self.vae_dtype = torch.bfloat16 if self.device.type == "cuda" and self.dtype != torch.float32 else torch.float32
+        model.unet.to(self.device, self.dtype)
+        for te in model.text_encoders:
+            te.to(self.device, self.dtype)
+        model.vae.to(self.device, self.vae_dtype)
+        if model.preview_vae is not None:
+            model.preview_vae.to(self.device, self.vae_dtype)
+        self.latent_channels = int(model.unet.config.in_channels)
+        self.vae_scale_factor = model.vae_scale_factor
+        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._text_cache_size = text_cache_size
+
+    # -- text ----------------------------------------------------------------------------------
+    def count_tokens(self, prompt: str) -> int:
+        return max(len(tok(prompt).input_ids) for tok in self.model.tokenizers)
+
+    @torch.inference_mode()
+    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As diffusers' pipelines encode_prompt: SD1.x last hidden state; SDXL the penultimate layer of
+        both encoders concatenated, and the pooled projection of the second."""
+        embeds, pooled = [], None
+        for tok, enc in zip(self.model.tokenizers, self.model.text_encoders):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            if self.model.family == "sd":
+                embeds.append(enc(ids)[0])
+            else:
+                out = enc(ids, output_hidden_states=True)
+                if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
+                    pooled = out[0]
+                embeds.append(out.hidden_states[-2])
+        return torch.cat(embeds, dim=-1), pooled
+
+    def _text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            emb, pooled = self._encode_uncached(missing)
+            for i, p in enumerate(missing):
+                self._text_cache[p] = (emb[i : i + 1], None if pooled is None else pooled[i : i + 1])
+        for p in prompts:
+            self._text_cache.move_to_end(p)
+        parts = [self._text_cache[p] for p in prompts]
+        while len(self._text_cache) > self._text_cache_size:
+            self._text_cache.popitem(last=False)
+        emb = torch.cat([e for e, _ in parts])
+        pooled = None if parts[0][1] is None else torch.cat([q for _, q in parts])  # type: ignore[misc]
+        return emb, pooled
+
+    def encode_text(self, prompts: list[str], sizes: list[tuple[int, int]]) -> Conditioning:
+        emb, pooled = self._text(prompts)
+        if self.model.family == "sd":
+            return Conditioning(emb)
+        # SDXL micro-conditioning: original size + crop (0, 0) + target size, as (height, width).
+        time_ids = torch.tensor([[h, w, 0, 0, h, w] for (w, h) in sizes], dtype=emb.dtype, device=self.device)
+        return Conditioning(emb, pooled, time_ids)
+
+    # -- denoiser ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def unet(self, latents: torch.Tensor, timesteps: list[int], cond: Conditioning) -> torch.Tensor:
+        t = torch.tensor(timesteps, dtype=torch.long, device=self.device)  # (B,) one timestep per row
+        added = None
+        if cond.pooled is not None:
+            added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        out = self.model.unet(
+            latents.to(self.device, self.dtype), t, encoder_hidden_states=cond.embeds,
+            added_cond_kwargs=added, return_dict=False,
+        )[0]
+        return out.float()
+
+    # -- images --------------------------------------------------------------------------------
+    def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.model.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            c = latents.shape[1]
+            mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, c, 1, 1)
+            std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, c, 1, 1)
+            return latents * std_t / cfg.scaling_factor + mean_t
+        return latents / cfg.scaling_factor
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        image = self.model.vae.decode(self._unscale(latents.to(self.device, torch.float32)).to(self.vae_dtype),
+                                      return_dict=False)[0]
+        return to_uint8(image)
+
+    @torch.inference_mode()
+    def preview(self, latents: torch.Tensor) -> np.ndarray:
+        """A quick look at predicted x0: the tiny decoder when the model has one, else the full VAE."""
+        if self.model.preview_vae is None:
+            return self.decode(latents)
+        image = self.model.preview_vae.decode(latents.to(self.device, self.vae_dtype), return_dict=False)[0]
+        return to_uint8(image)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, the same arithmetic as diffusers' postprocess."""
+    image = (image.float() * 0.5 + 0.5).clamp(0, 1)
+    return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

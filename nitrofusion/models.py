@@ -1,0 +1,206 @@
+"""Load a diffusers-format model folder (SDXL or SD1.x family) into its components.
+
+NitroSD-Realism / -Vibrant ship as a bare UNet state dict on top of SDXL base, so `unet_file` swaps one in.
+Every failure becomes a `ModelLoadError` whose message says what is missing and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+from .sampler import DEFAULT_SHIFT
+
+log = logging.getLogger(__name__)
+
+SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
+SD_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"}
+# The key the official NitroFusion recipe registers on its scheduler.
+SHIFT_KEY = "shifted_timestep"
+
+
+@dataclass
+class LoadedModel:
+    """Components of one text-to-image model plus what the sampler and request limits need."""
+
+    path: Path
+    family: str  # "sdxl" | "sd"
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    scheduler_config: dict
+    shift: int
+    preview_vae: Any = None  # optional tiny decoder for previews (AutoencoderTiny in `vae_preview/`)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """The side length in pixels the UNet was configured for (1024 for SDXL, 512 for SD1.5)."""
+        size = self.unet.config.sample_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * self.vae_scale_factor
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return min(int(t.model_max_length) for t in self.tokenizers)
+
+    @property
+    def name(self) -> str:
+        return self.extras.get("name") or self.path.name
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{what} is not valid JSON: {path} ({e})") from None
+
+
+def _load_component(cls: Any, folder: Path, subfolder: str, **kwargs: Any) -> Any:
+    """from_pretrained with offline-only loading and a clear error for a missing or broken component."""
+    sub = folder / subfolder
+    if not sub.is_dir():
+        raise ModelLoadError(
+            f"model folder {folder} has no '{subfolder}' component (expected the folder {sub}); "
+            "a complete diffusers model folder has one folder per component listed in model_index.json"
+        )
+    try:
+        return cls.from_pretrained(folder, subfolder=subfolder, local_files_only=True, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as first:
+        # SDXL base as published keeps fp16 weights as a variant; try it before giving up.
+        if "variant" not in kwargs:
+            try:
+                return cls.from_pretrained(
+                    folder, subfolder=subfolder, local_files_only=True, variant="fp16", **kwargs
+                )
+            except (OSError, ValueError):
+                pass
+        raise ModelLoadError(f"cannot load '{subfolder}' from {folder}: {first}") from None
+
+
+def load_unet_file(unet: Any, unet_file: Path) -> None:
+    """Swap a UNet state dict (.safetensors) into `unet`; the file must fit the architecture exactly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not unet_file.is_file():
+        raise ModelLoadError(f"UNet file not found: {unet_file}")
+    try:
+        state = load_file(str(unet_file))
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"UNet file {unet_file} is not a readable .safetensors file: {e}") from None
+    own = unet.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
+        if mismatched:
+            k = sorted(mismatched)[0]
+            parts.append(
+                f"{len(mismatched)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, "
+                f"model {tuple(own[k].shape)})"
+            )
+        raise ModelLoadError(
+            f"UNet file {unet_file} does not fit this model's UNet architecture: {'; '.join(parts)}. "
+            "Use the base model the UNet was trained from (SDXL base for NitroSD-Realism / -Vibrant)."
+        )
+    unet.load_state_dict(state, strict=True)
+
+
+def load_model(model_dir: str | Path, unet_file: str | Path | None = None, shift: int | None = None) -> LoadedModel:
+    """Load a local diffusers folder. Shift: the folder's scheduler config wins, else `shift`, else 250."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(model_dir).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder not found: {folder}")
+    index = _read_json(folder / "model_index.json", "model_index.json (is this a diffusers model folder?)")
+    pipeline_class = index.get("_class_name")
+    if pipeline_class in SDXL_PIPELINES:
+        family = "sdxl"
+    elif pipeline_class in SD_PIPELINES:
+        family = "sd"
+    else:
+        supported = ", ".join(sorted(SDXL_PIPELINES | SD_PIPELINES))
+        raise ModelLoadError(f"unsupported pipeline class {pipeline_class!r} in {folder}; supported: {supported}")
+
+    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config")
+    if scheduler_config.get(SHIFT_KEY) is not None:
+        resolved_shift = int(scheduler_config[SHIFT_KEY])
+        if shift is not None and shift != resolved_shift:
+            log.warning("model folder sets %s=%d; ignoring --shift %d", SHIFT_KEY, resolved_shift, shift)
+    else:
+        resolved_shift = DEFAULT_SHIFT if shift is None else int(shift)
+
+    unet = _load_component(UNet2DConditionModel, folder, "unet")
+    if unet_file is not None:
+        load_unet_file(unet, Path(unet_file).expanduser())
+    vae = _load_component(AutoencoderKL, folder, "vae")
+    if family == "sdxl":
+        tokenizers = [_load_component(CLIPTokenizer, folder, n) for n in ("tokenizer", "tokenizer_2")]
+        text_encoders = [
+            _load_component(CLIPTextModel, folder, "text_encoder"),
+            _load_component(CLIPTextModelWithProjection, folder, "text_encoder_2"),
+        ]
+    else:
+        tokenizers = [_load_component(CLIPTokenizer, folder, "tokenizer")]
+        text_encoders = [_load_component(CLIPTextModel, folder, "text_encoder")]
+    preview_vae = None
+    if (folder / "vae_preview").is_dir():
+        preview_vae = _load_component(AutoencoderTiny, folder, "vae_preview")
+
+    for module in (unet, vae, *text_encoders, *( [preview_vae] if preview_vae is not None else [])):
+        module.eval().requires_grad_(False)
+    model = LoadedModel(
+        path=folder,
+        family=family,
+        unet=unet,
+        vae=vae,
+        text_encoders=text_encoders,
+        tokenizers=tokenizers,
+        scheduler_config=scheduler_config,
+        shift=resolved_shift,
+        preview_vae=preview_vae,
+    )
+    _check_consistent(model)
+    return model
+
+
+def _check_consistent(model: LoadedModel) -> None:
+    """Catch mixed-up components early, with a message, rather than a shape error mid-generation."""
+    width = sum(int(te.config.hidden_size) for te in model.text_encoders)
+    cross = model.unet.config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    if int(cross) != width:
+        raise ModelLoadError(
+            f"the UNet expects text embeddings of width {cross} but the text encoder(s) give {width}: "
+            f"is the UNet from another model family than {model.path}?"
+        )
+    if model.unet.config.in_channels != model.vae.config.latent_channels:
+        raise ModelLoadError(
+            f"the UNet takes {model.unet.config.in_channels} latent channels but the VAE makes "
+            f"{model.vae.config.latent_channels}"
+        )
+
+
+def module_dtype(module: Any) -> torch.dtype:
+    return next(module.parameters()).dtype

@@ -1,0 +1,63 @@
+"""One loaded model ready to generate: backend + sampler + request limits. What the CLI and server hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backends.torch_backend import TorchBackend
+from .errors import NitroError
+from .generation import GenerationRequest, generate
+from .limits import SizeLimits, check_prompt, check_seed, check_size, check_steps
+from .models import LoadedModel, load_model
+from .sampler import LCMSampler
+
+
+def default_model_dir() -> Path | None:
+    """The bundled default model, once the trainer has produced it (models/default in the repository)."""
+    candidate = Path(__file__).resolve().parent.parent / "models" / "default"
+    return candidate if (candidate / "model_index.json").is_file() else None
+
+
+@dataclass
+class Pipeline:
+    model: LoadedModel
+    backend: TorchBackend
+    sampler: LCMSampler
+
+    @property
+    def shift(self) -> int:
+        return self.model.shift
+
+    @property
+    def size_limits(self) -> SizeLimits:
+        return SizeLimits.for_native(self.model.native_size)
+
+    def validate(self, req: GenerationRequest) -> None:
+        """Raise InvalidRequest naming the first bad field."""
+        check_prompt(req.prompt, self.backend.count_tokens, self.model.max_prompt_tokens)
+        check_steps(req.steps)
+        check_seed(req.seed)
+        check_size("width", req.width, self.size_limits)
+        check_size("height", req.height, self.size_limits)
+
+    def __call__(self, requests: list[GenerationRequest]) -> list[np.ndarray]:
+        for r in requests:
+            self.validate(r)
+        return generate(self.backend, self.sampler, requests, self.shift)
+
+
+def load_pipeline(model_dir: str | Path | None, unet_file: str | Path | None = None, shift: int | None = None,
+                  device: str | None = None, dtype: str | None = None) -> Pipeline:
+    if model_dir is None:
+        model_dir = default_model_dir()
+        if model_dir is None:
+            raise NitroError(
+                "no --model given and no bundled default model in this checkout yet: "
+                "pass --model DIR (a local diffusers folder, e.g. SDXL base)"
+            )
+    model = load_model(model_dir, unet_file=unet_file, shift=shift)
+    backend = TorchBackend(model, device=device, dtype=dtype)
+    return Pipeline(model, backend, LCMSampler.from_scheduler_config(model.scheduler_config))
