@@ -53,12 +53,14 @@ def _out_format(path: Path) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generation import GenerationRequest
     from .images import encode_image
-    from .limits import check_steps
+    from .limits import check_seed, check_steps
     from .pipeline import load_pipeline
 
     out = Path(args.out)
     fmt = _out_format(out)
-    check_steps(args.steps)  # before the (slow) model load
+    check_steps(args.steps)  # the checks that need no model run before the (slow) model load
+    if args.seed is not None:
+        check_seed(args.seed)
     pipe = load_pipeline(args.model, args.unet, args.shift, args.device, args.dtype)
     seed = secrets.randbits(63) if args.seed is None else args.seed
     native = pipe.model.native_size

@@ -125,10 +125,22 @@ def load_unet_file(unet: Any, unet_file: Path) -> None:
     unet.load_state_dict(state, strict=True)
 
 
+def quiet_libraries() -> None:
+    """Weight-loading progress bars and dtype hints from diffusers/transformers are noise in a CLI or log."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
 def load_model(model_dir: str | Path, unet_file: str | Path | None = None, shift: int | None = None) -> LoadedModel:
     """Load a local diffusers folder. Shift: the folder's scheduler config wins, else `shift`, else 250."""
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    quiet_libraries()
 
     folder = Path(model_dir).expanduser()
     if not folder.is_dir():

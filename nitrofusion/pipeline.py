@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends.torch_backend import TorchBackend
+from .backends.torch_backend import TorchBackend, resolve_device_dtype
 from .errors import NitroError
 from .generation import GenerationRequest, generate
 from .limits import SizeLimits, check_prompt, check_seed, check_size, check_steps
@@ -58,6 +58,7 @@ def load_pipeline(model_dir: str | Path | None, unet_file: str | Path | None = N
                 "no --model given and no bundled default model in this checkout yet: "
                 "pass --model DIR (a local diffusers folder, e.g. SDXL base)"
             )
+    resolve_device_dtype(device, dtype)  # a bad device or dtype fails before the (slow) model load
     model = load_model(model_dir, unet_file=unet_file, shift=shift)
     backend = TorchBackend(model, device=device, dtype=dtype)
     return Pipeline(model, backend, LCMSampler.from_scheduler_config(model.scheduler_config))
