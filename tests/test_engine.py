@@ -1,0 +1,293 @@
+"""The step-level batching engine with a fake backend: scheduling, admission, timeouts, cancellation,
+isolation of failures, draining and streaming."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from nitrofusion.engine import (
+    Cancelled, Engine, EngineClosed, EngineConfig, EngineObserver, GenerationFailed, Job, QueueFull,
+    RequestTimeout,
+)
+from nitrofusion.generation import GenerationRequest, generate
+from nitrofusion.sampler import LCMSampler
+from nitrofusion.tiny import tiny_scheduler
+
+from .fakes import FailingFakeBackend, FakeBackend
+
+SAMPLER = LCMSampler.from_scheduler_config(tiny_scheduler().config)
+
+
+def req(prompt="a red circle", steps=1, seed=0, size=(8, 8)):
+    return GenerationRequest(prompt, steps, seed, *size)
+
+
+class Recorder(EngineObserver):
+    def __init__(self):
+        self.batches, self.buckets, self.events = [], [], []
+
+    def iteration(self, batch_size, bucket, seconds):
+        self.batches.append(batch_size)
+        self.buckets.append(bucket)
+
+    def finished(self, job, seconds, images):
+        self.events.append(("finished", job.id))
+
+    def rejected(self, reason):
+        self.events.append(("rejected", reason))
+
+    def cancelled(self, job):
+        self.events.append(("cancelled", job.id))
+
+    def failed(self, job, reason):
+        self.events.append(("failed", reason))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def make_engine():
+    engines = []
+
+    def make(backend=None, **config):
+        backend = backend or FakeBackend()
+        rec = Recorder()
+        clock = config.pop("clock", None)
+        kwargs = {"clock": clock} if clock else {}
+        eng = Engine(backend, SAMPLER, 250, EngineConfig(**config), observer=rec, **kwargs).start()
+        engines.append(eng)
+        return eng, backend, rec
+
+    yield make
+    for e in engines:
+        e.stop(drain=False)
+
+
+def held(backend):
+    """Block the backend's UNet until the returned event is set."""
+    backend.gate = threading.Event()
+    return backend.gate
+
+
+def result(job, timeout=30):
+    return job.future.result(timeout=timeout)
+
+
+def test_results_equal_the_reference_loop(make_engine):
+    eng, backend, _ = make_engine()
+    reqs = [req("a", 1, 1), req("b", 4, 2), req("c", 2, 3), req("a", 3, 4)]
+    jobs = [eng.submit(Job([r])) for r in reqs]
+    expected = generate(FakeBackend(), SAMPLER, reqs, 250)
+    for job, exp in zip(jobs, expected):
+        assert np.array_equal(result(job)[0], exp)
+
+
+def test_one_unet_call_per_iteration_with_rows_at_different_steps(make_engine):
+    eng, backend, rec = make_engine(batch_wait_ms=5000, max_batch=4)
+    jobs = [eng.submit(Job([req(str(s), s, s)])) for s in (1, 2, 3, 4)]  # 4 = max_batch: no waiting
+    for j in jobs:
+        result(j)
+    assert rec.batches == [4, 3, 2, 1]
+    assert rec.buckets == [4, 4, 2, 1]  # padded to declared buckets
+    assert backend.unet_calls[0] == [249] * 4
+    assert backend.unet_calls[1] == [124, 187, 187, 187]  # padding repeats the last row
+    assert len(backend.encoded) == 1  # the four prompts were encoded in one batch
+
+
+def test_a_new_request_joins_between_iterations(make_engine):
+    eng, backend, rec = make_engine()
+    gate = held(backend)
+    long = eng.submit(Job([req("long", 4, 1)]))
+    assert backend.entered.wait(10)  # the 4-step job is inside its first UNet call
+    short = eng.submit(Job([req("short", 1, 2)]))
+    gate.set()
+    result(short), result(long)
+    # the 1-step job started at the engine's second iteration, next to the 4-step job's second step
+    assert backend.unet_calls[1] == [187, 249]
+    assert rec.batches == [1, 2, 1, 1]
+
+
+def test_same_image_alone_or_in_a_batch(make_engine):
+    eng, _, _ = make_engine()
+    alone = result(eng.submit(Job([req("x", 3, 7)])))[0]
+    gate = held(eng.backend)
+    others = [eng.submit(Job([req(f"o{i}", 4, i)])) for i in range(5)]
+    target = eng.submit(Job([req("x", 3, 7)]))
+    gate.set()
+    assert np.array_equal(result(target)[0], alone)
+    for o in others:
+        result(o)
+
+
+def test_multi_image_jobs_use_consecutive_rows(make_engine):
+    eng, _, _ = make_engine()
+    job = eng.submit(Job([req("p", 2, 10), req("p", 2, 11), req("p", 2, 12)]))
+    images = result(job)
+    assert len(images) == 3
+    assert not np.array_equal(images[0], images[1])
+    assert np.array_equal(images[2], result(eng.submit(Job([req("p", 2, 12)])))[0])
+
+
+def test_queue_full_is_rejected_and_nothing_accepted_is_lost(make_engine):
+    eng, backend, rec = make_engine(max_queue=2, max_batch=1, buckets=(1,))
+    gate = held(backend)
+    first = eng.submit(Job([req("first")]))
+    assert backend.entered.wait(10)
+    queued = [eng.submit(Job([req(f"q{i}")])) for i in range(2)]
+    with pytest.raises(QueueFull):
+        eng.submit(Job([req("overflow")]))
+    gate.set()
+    for j in [first, *queued]:
+        assert len(result(j)) == 1
+    assert ("rejected", "queue_full") in rec.events
+
+
+def test_timeout_while_queued_and_while_running(make_engine):
+    clock = FakeClock()
+    eng, backend, rec = make_engine(request_timeout_s=10, max_batch=1, buckets=(1,), clock=clock)
+    gate = held(backend)
+    running = eng.submit(Job([req("running", 4)]))
+    assert backend.entered.wait(10)
+    queued = eng.submit(Job([req("queued", 1)]))
+    clock.now += 11  # both are now past their deadline
+    gate.set()
+    with pytest.raises(RequestTimeout):
+        result(running)
+    with pytest.raises(RequestTimeout):
+        result(queued)
+    assert len(backend.unet_calls) == 1  # the running job stopped after the step it was in
+
+
+def test_cancelled_rows_leave_the_batch_at_the_next_step(make_engine):
+    eng, backend, rec = make_engine()
+    gate = held(backend)
+    keep = eng.submit(Job([req("keep", 4, 1)]))
+    assert backend.entered.wait(10)
+    gone = eng.submit(Job([req("gone", 4, 2)]))
+    backend.entered.clear()
+    gate.set()
+    # let the second iteration (both rows) run, then cancel while it is in its UNet call
+    gate.clear()
+    assert backend.entered.wait(10)
+    backend.entered.clear()
+    assert len(backend.unet_calls[-1]) == 2
+    gone.cancel()
+    gate.set()
+    with pytest.raises(Cancelled):
+        result(gone)
+    result(keep)
+    assert [len(c) for c in backend.unet_calls] == [1, 2, 1, 1]
+    assert ("cancelled", gone.id) in rec.events
+
+
+def test_cancel_before_start_costs_no_compute(make_engine):
+    eng, backend, _ = make_engine(max_batch=1, buckets=(1,))
+    gate = held(backend)
+    first = eng.submit(Job([req("first", 1)]))
+    assert backend.entered.wait(10)
+    waiting = eng.submit(Job([req("waiting", 4)]))
+    waiting.cancel()
+    gate.set()
+    result(first)
+    with pytest.raises(Cancelled):
+        result(waiting)
+    assert len(backend.unet_calls) == 1
+
+
+@pytest.mark.parametrize("kind", ["unet", "nan", "decode"])
+def test_one_failing_request_fails_alone(make_engine, kind):
+    backend = FailingFakeBackend({"poison": kind})
+    eng, _, rec = make_engine(backend=backend, batch_wait_ms=5000, max_batch=3, buckets=(1, 2, 4))
+    good1 = eng.submit(Job([req("fine one", 2, 1)]))
+    bad = eng.submit(Job([req("poison", 2, 2)]))
+    good2 = eng.submit(Job([req("fine two", 3, 3)]))
+    with pytest.raises(GenerationFailed):
+        result(bad)
+    expected = generate(FakeBackend(), SAMPLER, [req("fine one", 2, 1), req("fine two", 3, 3)], 250)
+    assert np.array_equal(result(good1)[0], expected[0])
+    assert np.array_equal(result(good2)[0], expected[1])
+    # and the engine keeps serving
+    assert len(result(eng.submit(Job([req("after", 1, 4)])))) == 1
+
+
+def test_drain_finishes_in_flight_work_and_refuses_new(make_engine):
+    eng, backend, _ = make_engine()
+    gate = held(backend)
+    jobs = [eng.submit(Job([req(f"j{i}", 4, i)])) for i in range(3)]
+    assert backend.entered.wait(10)
+    eng.stop_accepting()
+    with pytest.raises(EngineClosed):
+        eng.submit(Job([req("late")]))
+    gate.set()
+    assert eng.wait_idle(timeout=30)
+    assert all(len(result(j)) == 1 for j in jobs)
+
+
+def test_stop_without_drain_answers_everything(make_engine):
+    eng, backend, _ = make_engine(max_batch=1, buckets=(1,))
+    gate = held(backend)
+    running = eng.submit(Job([req("r", 4)]))
+    assert backend.entered.wait(10)
+    queued = eng.submit(Job([req("q", 4)]))
+    stopper = threading.Thread(target=eng.stop, kwargs={"drain": False})
+    stopper.start()
+    gate.set()
+    stopper.join(30)
+    for j in (running, queued):
+        assert j.future.done()
+    with pytest.raises(EngineClosed):
+        result(queued)
+
+
+def test_streaming_reports_every_step_then_the_final_image(make_engine):
+    eng, _, _ = make_engine()
+    events = []
+    job = eng.submit(Job([req("s", 3, 5)], stream=True, on_progress=events.append))
+    final = result(job)[0]
+    assert [(e.step, e.steps, e.final) for e in events] == [(1, 3, False), (2, 3, False), (3, 3, True)]
+    assert np.array_equal(events[-1].image, final)
+    assert not np.array_equal(events[0].image, final)
+
+
+def test_batching_off_runs_one_request_at_a_time(make_engine):
+    eng, backend, rec = make_engine(batching=False)
+    gate = held(backend)
+    jobs = [eng.submit(Job([req(str(i), 2, i)])) for i in range(3)]
+    gate.set()
+    for j in jobs:
+        result(j)
+    assert rec.batches == [1] * 6
+
+
+def test_rows_of_different_sizes_never_share_a_call(make_engine):
+    eng, backend, rec = make_engine(batch_wait_ms=5000, max_batch=2, buckets=(1, 2))
+    a = eng.submit(Job([req("a", 2, 1, size=(8, 8))]))
+    b = eng.submit(Job([req("b", 2, 2, size=(16, 8))]))
+    assert result(a)[0].shape == (8, 8, 3)
+    assert result(b)[0].shape == (8, 16, 3)
+    assert rec.batches == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_batch": 0}, "max_batch must be at least 1"),
+        ({"buckets": (4, 2)}, "increasing order"),
+        ({"max_batch": 32}, "largest bucket"),
+        ({"request_timeout_s": 0}, "request_timeout_s"),
+        ({"batch_wait_ms": -1}, "batch_wait_ms"),
+        ({"max_queue": 0}, "max_queue"),
+    ],
+)
+def test_config_errors_say_how_to_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**kwargs)
