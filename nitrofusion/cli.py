@@ -33,11 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--out", required=True, metavar="FILE", help="output image (.png, .jpg or .webp)")
 
-    serve = sub.add_parser("serve", help="serve the HTTP API")
+    serve = sub.add_parser("serve", help="serve the HTTP API (flags override NITRO_* environment variables)")
     _model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--host", default=None, help="default 127.0.0.1 (NITRO_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="default 8000 (NITRO_PORT)")
+    serve.add_argument("--log-level", default=None, help="default info (NITRO_LOG_LEVEL)")
+    serve.add_argument("--max-batch", type=int, default=None, help="rows per UNet call, default 16")
+    serve.add_argument("--buckets", default=None, help="batch sizes to pad to, default 1,2,4,8,16")
+    serve.add_argument("--max-queue", type=int, default=None, help="waiting requests before 429, default 256")
+    serve.add_argument("--request-timeout", type=float, default=None, help="seconds before 504, default 120")
+    serve.add_argument("--batch-wait-ms", type=float, default=None,
+                       help="how long an idle engine waits to fill a batch, default 0")
+    serve.add_argument("--no-batching", dest="batching", action="store_const", const=False, default=None,
+                       help="one request at a time (for comparison)")
     return parser
 
 
@@ -72,10 +80,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import run_server
+    from pydantic import ValidationError
 
-    run_server(model=args.model, unet=args.unet, shift=args.shift, device=args.device, dtype=args.dtype,
-               host=args.host, port=args.port, log_level=args.log_level)
+    from server.app import run_server
+    from server.settings import ServerSettings
+
+    flags = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    try:
+        settings = ServerSettings(**flags)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "settings"
+        raise InvalidRequest(field.replace("_", "-"), err["msg"]) from None
+    run_server(settings)
     return 0
 
 

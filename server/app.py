@@ -1,101 +1,140 @@
-"""FastAPI application: POST /generate, GET /healthz. Model work runs on one worker thread that owns
-the model, never on the event loop."""
+"""The FastAPI application: wiring of settings, engine, routes, middleware and shutdown behaviour.
+
+The model is loaded before the port opens (load errors are CLI errors); the engine thread owns it; the
+lifespan warms it up before /readyz turns ready, and drains it on shutdown.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import json
 import logging
-import secrets
 import signal
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse
 
-from nitrofusion.errors import InvalidRequest
+from nitrofusion.engine import Cancelled, Engine, EngineClosed, GenerationFailed, QueueFull, RequestTimeout
 from nitrofusion.generation import GenerationRequest
-from nitrofusion.images import encode_image
 from nitrofusion.pipeline import Pipeline, load_pipeline
 
-from .schemas import GenerateRequest, GenerateResponse
+from . import routes, ws
+from .metrics import PrometheusObserver
+from .middleware import GuardMiddleware
+from .service import GenerationService, error_response
+from .settings import ServerSettings
 
 log = logging.getLogger("nitrofusion.server")
+PAGE = Path(__file__).parent / "static" / "index.html"
 
 
-def _wants_png(request: Request) -> bool:
-    accept = request.headers.get("accept", "")
-    return "image/png" in accept and "application/json" not in accept
-
-
-def create_app(pipe: Pipeline) -> FastAPI:
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nitro-model")
+def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
+    metrics = PrometheusObserver()
+    engine = Engine(pipe.backend, pipe.sampler, pipe.shift, settings.engine_config(), observer=metrics)
+    metrics.bind(engine)
+    service = GenerationService(pipe, engine, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        engine.start()
+        if settings.warmup:
+            await _warm_up(service)
+        app.state.ready = True
+        log.info("ready: %s (%s, shift %d) on %s", pipe.model.name, pipe.model.family, pipe.shift,
+                 pipe.backend.device)
         yield
-        executor.shutdown(wait=True)  # let in-flight work finish
+        app.state.draining = True
+        await asyncio.to_thread(engine.stop, True, settings.drain_timeout)
 
-    app = FastAPI(title="NitroFusion", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="NitroFusion", version="0.1.0", lifespan=lifespan,
+                  description="Real-time 1-4 step text-to-image generation.")
+    app.state.settings, app.state.service, app.state.metrics = settings, service, metrics
+    app.state.engine = engine
+    app.state.ready = False
+    app.state.draining = False
+    app.include_router(routes.router)
+    app.include_router(ws.router)
+    page = PAGE.read_text()
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index():
+        return page
 
-    @app.post("/generate", response_model=GenerateResponse,
-              responses={200: {"content": {"image/png": {}}, "description": "JSON, or the PNG itself "
-                                                                          "with Accept: image/png"}})
-    async def generate(body: GenerateRequest, request: Request):
-        native = pipe.model.native_size
-        req = GenerationRequest(
-            prompt=body.prompt, steps=body.steps,
-            seed=secrets.randbits(63) if body.seed is None else body.seed,
-            width=body.width or native, height=body.height or native,
-        )
-        try:
-            pipe.validate(req)
-        except InvalidRequest as e:
-            raise RequestValidationError(
-                [{"type": "value_error", "loc": ("body", e.field), "msg": e.reason,
-                  "input": getattr(req, e.field, None)}]
-            ) from None
-        loop = asyncio.get_running_loop()
-        image = (await loop.run_in_executor(executor, pipe, [req]))[0]
-        png = await loop.run_in_executor(None, encode_image, image, "png")
-        headers = {"X-Seed": str(req.seed)}
-        if _wants_png(request):
-            return Response(png, media_type="image/png", headers=headers)
-        return GenerateResponse(images=[base64.b64encode(png).decode()], seed=req.seed, steps=req.steps,
-                                width=req.width, height=req.height)
+    for exc_type in (QueueFull, EngineClosed, RequestTimeout, Cancelled, GenerationFailed):
+        app.add_exception_handler(exc_type, lambda request, exc: error_response(exc, service))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        """FastAPI's 422 body, plus OpenAI's error object on /v1 routes so that its clients show the reason."""
+        response = await request_validation_exception_handler(request, exc)
+        if not request.url.path.startswith("/v1/"):
+            return response
+        first = exc.errors()[0]
+        param = str(first["loc"][-1]) if first.get("loc") else None
+        body = json.loads(response.body)
+        body["error"] = {"message": f"{param}: {first['msg']}", "type": "invalid_request_error", "param": param,
+                         "code": None}
+        return JSONResponse(body, 422)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        log.exception("request failed: %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        log.exception("request %s failed", request.scope.get("state", {}).get("request_id"))
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"])
+    app.add_middleware(GuardMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes)
     return app
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn.Server that treats SIGTERM as an ordinary, graceful stop: drain, then exit 0.
+async def _warm_up(service: GenerationService) -> None:
+    """One 1-step image at the native size through the engine: first-call costs are paid before ready."""
+    native = service.pipe.model.native_size
+    await service.run([GenerationRequest("warm-up", 1, 0, native, native)])
 
-    uvicorn re-raises a caught SIGTERM after its graceful shutdown, so the process would end 'killed by
-    signal'; orchestrators (and our tests) should see a drained shutdown as a clean exit."""
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose SIGTERM means: readyz 503, refuse new work, finish in-flight work, exit 0.
+
+    Plain uvicorn closes the listening socket at once and re-raises SIGTERM after shutting down, so the
+    process ends 'killed by signal'. A second signal still forces the usual immediate shutdown."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float):
+        super().__init__(config)
+        self.fastapi_app, self.drain_timeout = app, drain_timeout
+        self._draining = False
 
     def handle_exit(self, sig: int, frame) -> None:
-        super().handle_exit(sig, frame)
-        if sig == signal.SIGTERM:
-            self._captured_signals.remove(sig)
+        if sig != signal.SIGTERM or self._draining:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        state = self.fastapi_app.state
+        state.draining = True
+        state.engine.stop_accepting()
+        log.info("SIGTERM: draining in-flight work (up to %.0f s)", self.drain_timeout)
+
+        def drain_then_exit() -> None:
+            state.engine.wait_idle(self.drain_timeout)
+            self.should_exit = True
+
+        threading.Thread(target=drain_then_exit, name="nitro-drain", daemon=True).start()
 
 
-def run_server(model: str | None, unet: str | None, shift: int | None, device: str | None, dtype: str | None,
-               host: str, port: int, log_level: str = "info") -> None:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pipe = load_pipeline(model, unet, shift, device, dtype)  # load errors surface before the port opens
-    log.info("loaded %s (%s, shift %d) on %s", pipe.model.path, pipe.model.family, pipe.shift, pipe.backend.device)
-    config = uvicorn.Config(create_app(pipe), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=30)
-    DrainingServer(config).run()
+def run_server(settings: ServerSettings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    pipe = load_pipeline(settings.model, settings.unet, settings.shift, settings.device, settings.dtype)
+    app = create_app(pipe, settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.drain_timeout + 5,
+                            ws_max_size=settings.ws_max_message_bytes, access_log=False)
+    DrainingServer(config, app, settings.drain_timeout).run()

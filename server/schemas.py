@@ -3,27 +3,95 @@ on the loaded model (size range, prompt tokens) are checked by the core and repo
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from nitrofusion.limits import MAX_PROMPT_CHARS, MAX_SEED, SIZE_MULTIPLE
 from nitrofusion.sampler import MAX_STEPS, MIN_STEPS
 
+MAX_IMAGES = 4
+Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
+Steps = Field(1, ge=MIN_STEPS, le=MAX_STEPS, description="denoising steps, 1-4")
+Seed = Field(None, ge=0, le=MAX_SEED, description="default: random; returned in the response")
 
-class GenerateRequest(BaseModel):
+
+def _side(what: str):
+    return Field(None, ge=SIZE_MULTIPLE, le=8192, multiple_of=SIZE_MULTIPLE,
+                 description=f"{what} in pixels, a multiple of 8 (default: the model's native size)")
+
+
+class ImageParams(BaseModel):
+    """What every interface asks for one prompt."""
+
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
-    steps: int = Field(1, ge=MIN_STEPS, le=MAX_STEPS, description="denoising steps, 1-4")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: random; returned in the response")
-    width: int | None = Field(None, ge=SIZE_MULTIPLE, le=8192, multiple_of=SIZE_MULTIPLE,
-                              description="default: the model's native size")
-    height: int | None = Field(None, ge=SIZE_MULTIPLE, le=8192, multiple_of=SIZE_MULTIPLE,
-                               description="default: the model's native size")
+    prompt: str = Prompt
+    steps: int = Steps
+    seed: int | None = Seed
+    width: int | None = _side("width")
+    height: int | None = _side("height")
+
+
+class GenerateRequest(ImageParams):
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES, description="images for this prompt (seeds seed, seed+1, ...)")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
 
 
 class GenerateResponse(BaseModel):
-    images: list[str] = Field(description="base64-encoded PNG images")
+    images: list[str] = Field(description="base64-encoded images in output_format")
     seed: int
+    seeds: list[int]
     steps: int
     width: int
     height: int
+    output_format: str
+
+
+class WsRequest(ImageParams):
+    id: int | str | None = Field(None, description="echoed in every frame for this request")
+
+
+class OpenAIImageRequest(BaseModel):
+    """The subset of the OpenAI Images API that makes sense here (plus `steps` and `seed`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Prompt
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    size: str | None = Field(None, pattern=r"^\d{1,5}x\d{1,5}$", description='"WIDTHxHEIGHT", e.g. "1024x1024"')
+    response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: nothing is stored to link")
+    model: str | None = None
+    user: str | None = None
+    steps: int = Steps
+    seed: int | None = Seed
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "nitrofusion"
+    family: str
+    native_size: int
+    min_size: int
+    max_size: int
+    min_steps: int = MIN_STEPS
+    max_steps: int = MAX_STEPS
+    shift: int
+    backend: str
+    device: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

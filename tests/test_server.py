@@ -26,8 +26,72 @@ def _post(server, body, **headers):
     return httpx.post(server.url + "/generate", json=body, headers=headers, timeout=120)
 
 
-def test_healthz(server):
+def test_health_and_readiness(server):
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/readyz").json() == {"status": "ready"}
+
+
+def test_models_endpoint_describes_the_model(server):
+    card = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert card["family"] == "sdxl"
+    assert (card["native_size"], card["min_size"], card["max_size"]) == (32, 8, 64)
+    assert (card["min_steps"], card["max_steps"], card["shift"]) == (1, 4, 250)
+    assert (card["backend"], card["device"]) == ("torch", "cpu")
+
+
+def test_num_images_use_consecutive_seeds(server):
+    r = _post(server, {"prompt": "a red circle", "steps": 2, "seed": 40, "width": 64, "height": 48,
+                       "num_images": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seeds"] == [40, 41, 42] and len(body["images"]) == 3
+    solo = _post(server, {"prompt": "a red circle", "steps": 2, "seed": 41, "width": 64, "height": 48}).json()
+    second = decode_image(base64.b64decode(body["images"][1]))
+    exact = decode_image(base64.b64decode(solo["images"][0]))
+    assert np.abs(second.astype(int) - exact.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("fmt, magic", [("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF"), ("png", b"\x89PNG")])
+def test_output_formats(server, fmt, magic):
+    body = _post(server, {"prompt": "a dog", "seed": 1, "output_format": fmt}).json()
+    data = base64.b64decode(body["images"][0])
+    assert data.startswith(magic) and body["output_format"] == fmt
+    assert decode_image(data).shape == (32, 32, 3)
+    raw = _post(server, {"prompt": "a dog", "seed": 1, "output_format": fmt}, accept=f"image/{fmt}")
+    assert raw.headers["content-type"] == f"image/{fmt}" and raw.content.startswith(magic)
+
+
+def test_openai_client_works_against_us(server, pipelines):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(prompt="a red circle", n=2, size="64x48", response_format="b64_json",
+                                    extra_body={"steps": 3, "seed": 5})
+    assert len(result.data) == 2
+    images = [decode_image(base64.b64decode(d.b64_json)) for d in result.data]
+    expected = pipelines["sdxl"]([GenerationRequest("a red circle", 3, s, 64, 48) for s in (5, 6)])
+    for got, exp in zip(images, expected):
+        assert np.abs(got.astype(int) - exp.astype(int)).max() <= 1
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.images.generate(prompt="a red circle", size="1000x1000")
+    assert "size" in str(err.value)
+
+
+def test_metrics_count_images_and_batches(server):
+    before = _metric(server, "nitro_images_total")
+    _post(server, {"prompt": "a cat", "num_images": 2, "seed": 3})
+    text = httpx.get(server.url + "/metrics").text
+    assert _metric(server, "nitro_images_total") == before + 2
+    for name in ("nitro_queue_depth", "nitro_active_rows", "nitro_batch_size_bucket", "nitro_unet_step_seconds",
+                 "nitro_request_seconds_bucket{le=\"0.01\",steps=\"1\"}", "nitro_cancellations_total"):
+        assert name in text
+
+
+def _metric(server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported")
 
 
 def test_generate_json_matches_library(server, pipelines):
@@ -71,6 +135,8 @@ def test_seed_is_random_when_omitted_and_reproducible(server):
         ({"steps": 1}, "prompt"),
         ({"prompt": "a", "seed": -3}, "seed"),
         ({"prompt": "a", "guidance": 7}, "guidance"),
+        ({"prompt": "a", "num_images": 5}, "num_images"),
+        ({"prompt": "a", "output_format": "gif"}, "output_format"),
     ],
 )
 def test_bad_input_is_422_naming_the_field(server, body, field):

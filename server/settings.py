@@ -1,0 +1,70 @@
+"""Server settings: one object, from `NITRO_*` environment variables, overridden by CLI flags."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from nitrofusion.engine import EngineConfig
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NITRO_", extra="ignore")
+
+    # model
+    model: str | None = Field(None, description="diffusers model folder (default: the bundled model)")
+    unet: str | None = None
+    shift: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    backend: str = "torch"
+    # network
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+    # batching engine
+    max_batch: int = Field(16, ge=1)
+    buckets: Annotated[tuple[int, ...], NoDecode] = (1, 2, 4, 8, 16)
+    max_queue: int = Field(256, ge=1)
+    request_timeout: float = Field(120.0, gt=0, description="seconds before a request is answered 504")
+    batch_wait_ms: float = Field(0.0, ge=0, description="how long an idle engine waits to fill a batch")
+    batching: bool = Field(True, description="false: one request at a time (for comparison)")
+    # protection
+    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    ws_max_message_bytes: int = Field(64 << 10, ge=1024)
+    drain_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight work")
+    warmup: bool = True
+    cache_dir: str | None = None
+
+    @field_validator("buckets", mode="before")
+    @classmethod
+    def _parse_buckets(cls, v: object) -> object:
+        v = _split(v)
+        return tuple(int(b) for b in v) if isinstance(v, list) else v
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _parse_list(cls, v: object) -> object:
+        v = _split(v)
+        return tuple(v) if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _engine_config_is_valid(self) -> ServerSettings:
+        self.engine_config()  # raises ValueError with a message that says how to fix it
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_batch=self.max_batch, buckets=self.buckets, max_queue=self.max_queue,
+            request_timeout_s=self.request_timeout, batch_wait_ms=self.batch_wait_ms, batching=self.batching,
+        )
