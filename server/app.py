@@ -43,9 +43,9 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
         if settings.warmup:
-            await _warm_up(service)
+            await _warm_up(pipe)  # before the engine thread starts: nobody else touches the model yet
+        engine.start()
         app.state.ready = True
         log.info("ready: %s (%s, shift %d) on %s", pipe.model.name, pipe.model.family, pipe.shift,
                  pipe.backend.device)
@@ -95,10 +95,10 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     return app
 
 
-async def _warm_up(service: GenerationService) -> None:
-    """One 1-step image at the native size through the engine: first-call costs are paid before ready."""
-    native = service.pipe.model.native_size
-    await service.run([GenerationRequest("warm-up", 1, 0, native, native)])
+async def _warm_up(pipe: Pipeline) -> None:
+    """One 1-step image at the native size: first-call costs are paid before /readyz turns ready."""
+    native = pipe.model.native_size
+    await asyncio.to_thread(pipe, [GenerationRequest("warm-up", 1, 0, native, native)])
 
 
 class DrainingServer(uvicorn.Server):
