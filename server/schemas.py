@@ -22,9 +22,9 @@ def _side(what: str):
 
 
 class ImageParams(BaseModel):
-    """What every interface asks for one prompt."""
+    """What every interface asks for one prompt. Strict: `"seed": false` or `"steps": "2"` are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Prompt
     steps: int = Steps
@@ -55,7 +55,7 @@ class WsRequest(ImageParams):
 class OpenAIImageRequest(BaseModel):
     """The subset of the OpenAI Images API that makes sense here (plus `steps` and `seed`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Prompt
     n: int = Field(1, ge=1, le=MAX_IMAGES)

@@ -43,7 +43,9 @@ class GenerationService:
         seed = secrets.randbits(62) if params.seed is None else params.seed
         if seed + n - 1 > MAX_SEED:
             raise invalid("seed", f"seed + images - 1 must be at most {MAX_SEED}", seed, where)
-        base = GenerationRequest(params.prompt, params.steps, seed, params.width or native, params.height or native)
+        width = native if params.width is None else params.width  # 0 is a bad width, not "use the default"
+        height = native if params.height is None else params.height
+        base = GenerationRequest(params.prompt, params.steps, seed, width, height)
         try:
             self.pipe.validate(base)
         except InvalidRequest as e:

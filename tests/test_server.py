@@ -171,3 +171,21 @@ def test_serve_with_missing_model_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "model folder not found" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/generate", {"prompt": "a", "seed": False}, "seed"),
+        ("/generate", {"prompt": "a", "steps": "2"}, "steps"),
+        ("/generate", {"prompt": "a", "width": 32.5}, "width"),
+        ("/v1/images/generations", {"prompt": "a", "size": "0x0"}, "size"),
+        ("/v1/images/generations", {"prompt": "a", "size": "32"}, "size"),
+        ("/v1/images/generations", {"prompt": "a", "response_format": "url"}, "response_format"),
+        ("/v1/images/generations", {"prompt": "a", "n": 9}, "n"),
+    ],
+)
+def test_strict_types_and_openai_fields(server, path, body, field):
+    r = httpx.post(server.url + path, json=body, timeout=60)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][-1] == field
