@@ -6,7 +6,7 @@ PORT   ?= 8000
 MODEL  ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv clean
+.PHONY: run test venv browser clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,15 @@ $(STAMP): requirements.txt $(wildcard requirements/*.txt) pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/nitrofusion serve $(if $(MODEL),--model $(MODEL)) --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# The web page test drives Debian's chromium; as root with apt, install it, else that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (Debian) for the web page test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not installed and not root: the web page test will be skipped"; fi; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
