@@ -368,7 +368,7 @@ class Engine:
                 out.update(zip(idx, images))
                 continue
             except Exception:
-                pass
+                log.warning("batched %s decode failed; decoding job by job", "preview" if preview else "final")
             for job in {rows[i].extras["job"]: None for i in idx}:
                 own = [i for i in idx if rows[i].extras["job"] is job]
                 try:

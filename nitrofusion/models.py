@@ -79,7 +79,7 @@ def _load_component(cls: Any, folder: Path, subfolder: str, **kwargs: Any) -> An
         )
     try:
         return cls.from_pretrained(folder, subfolder=subfolder, local_files_only=True, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as first:
+    except (OSError, ValueError) as first:
         # SDXL base as published keeps fp16 weights as a variant; try it before giving up.
         if "variant" not in kwargs:
             try:
@@ -113,7 +113,7 @@ def load_unet_file(unet: Any, unet_file: Path) -> None:
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
         if mismatched:
-            k = sorted(mismatched)[0]
+            k = min(mismatched)
             parts.append(
                 f"{len(mismatched)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, "
                 f"model {tuple(own[k].shape)})"

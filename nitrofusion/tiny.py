@@ -66,11 +66,11 @@ def _tiny_vae():
 def tiny_unet(family: str, sample_size: int = 16):
     from diffusers import UNet2DConditionModel
 
-    common = dict(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
-    )
+    common = {
+        "block_out_channels": (8, 16), "layers_per_block": 1, "sample_size": sample_size, "in_channels": 4,
+        "out_channels": 4, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "norm_num_groups": 4,
+    }
     if family == "sdxl":
         # projection_class_embeddings_input_dim = 6 time ids x addition_time_embed_dim + pooled width
         return UNet2DConditionModel(

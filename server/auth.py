@@ -16,8 +16,9 @@ PROTECTED_PREFIXES = ("/generate", "/v1/", "/ws")
 def _key_ok(conn: HTTPConnection, keys: tuple[str, ...]) -> bool:
     auth = conn.headers.get("authorization", "")
     given = auth[7:].strip() if auth.lower().startswith("bearer ") else conn.query_params.get("api_key", "")
-    # compare against every key so the time taken does not reveal which prefix matched
-    return bool(given) and any([secrets.compare_digest(given.encode(), k.encode()) for k in keys])
+    # compare against every key (no short-circuit) so the time taken does not reveal which key matched
+    matches = [secrets.compare_digest(given.encode(), k.encode()) for k in keys]
+    return bool(given) and any(matches)
 
 
 def needs_key(path: str) -> bool:

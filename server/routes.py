@@ -13,7 +13,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from nitrofusion.images import MEDIA_TYPES, encode_image
 
 from .schemas import (
-    GenerateRequest, GenerateResponse, ImageParams, ModelCard, ModelList, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ImageParams,
+    ModelCard,
+    ModelList,
+    OpenAIImage,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
 )
 
 router = APIRouter()

@@ -14,7 +14,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from nitrofusion.engine import (
-    Cancelled, Engine, EngineClosed, GenerationFailed, Job, Progress, QueueFull, RequestTimeout,
+    Cancelled,
+    Engine,
+    EngineClosed,
+    GenerationFailed,
+    Job,
+    Progress,
+    QueueFull,
+    RequestTimeout,
 )
 from nitrofusion.errors import InvalidRequest
 from nitrofusion.generation import GenerationRequest
@@ -60,7 +67,7 @@ class GenerationService:
         try:
             # The engine enforces the deadline itself; this outer bound only guards against a stuck engine.
             return await asyncio.wait_for(asyncio.wrap_future(job.future), self.settings.request_timeout + 30)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             job.cancel()
             raise RequestTimeout(f"not finished within {self.settings.request_timeout:g} s") from None
         except asyncio.CancelledError:

@@ -62,8 +62,8 @@ class Session:
         try:
             data = json.loads(raw)
             if not isinstance(data, dict):
-                raise ValueError("expected a JSON object")
-        except ValueError as e:
+                raise TypeError("expected a JSON object")
+        except (ValueError, TypeError) as e:
             await self.error(f"malformed message: {e}")
             return
         try:

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from nitrofusion.engine import (
-    Cancelled, Engine, EngineClosed, EngineConfig, EngineObserver, GenerationFailed, Job, QueueFull,
+    Cancelled,
+    Engine,
+    EngineClosed,
+    EngineConfig,
+    EngineObserver,
+    GenerationFailed,
+    Job,
+    QueueFull,
     RequestTimeout,
 )
 from nitrofusion.generation import GenerationRequest, generate

@@ -89,7 +89,7 @@ def test_metrics_count_images_and_batches(server):
 
 def _metric(server, name: str) -> float:
     for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not exported")
 
