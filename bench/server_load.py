@@ -1,0 +1,158 @@
+"""Closed-loop load against real server processes: the step-level batching engine vs one request at a time.
+
+Each concurrency level runs C clients that each send a request as soon as their previous one returns, with
+step counts drawn uniformly from 1-4 (fixed RNG seed), until N requests are done. Both modes run in the same
+invocation on the same machine, so compare their ratio, not absolute numbers across runs.
+
+    python bench/server_load.py --model models/default          # the bundled model
+    python bench/server_load.py --tiny                          # a tiny random SD model (smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = str(Path(sys.executable).parent / "nitrofusion")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, batching: bool, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    args = [CLI, "serve", "--model", model, "--port", str(port), "--max-queue", "4096", "--log-level", "warning",
+            "--max-batch", str(max_batch), "--request-timeout", "3600"]
+    if not batching:
+        args.append("--no-batching")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not become ready")
+
+
+async def closed_loop(url: str, concurrency: int, total: int, size: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    plan = [rng.randint(1, 4) for _ in range(total)]
+    latencies: list[float] = []
+    next_index = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal next_index
+        while next_index < total:
+            i = next_index
+            next_index += 1
+            body = {"prompt": f"benchmark prompt {i % 7}", "steps": plan[i], "seed": i, "width": size,
+                    "height": size}
+            t0 = time.perf_counter()
+            r = await http.post(url + "/generate", json=body, headers={"Accept": "image/png"})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "images_per_s": total / wall,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="diffusers model folder (default: models/default)")
+    ap.add_argument("--tiny", action="store_true", help="use a tiny random SD1.x model (smoke run)")
+    ap.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--requests", type=int, default=0, help="requests per level (default max(32, 4 x C))")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--write", default=None, help="append the results to this markdown file (BENCHMARKS.md)")
+    args = ap.parse_args()
+
+    tmp = None
+    if args.tiny:
+        from nitrofusion.tiny import save_tiny_model
+
+        tmp = tempfile.TemporaryDirectory()
+        model = str(save_tiny_model(Path(tmp.name) / "tiny_sd", "sd"))
+    else:
+        model = args.model or str(ROOT / "models" / "default")
+    if args.size is None:
+        from nitrofusion.models import load_model
+
+        args.size = load_model(model).native_size
+    levels = [int(c) for c in args.concurrency.split(",")]
+    results: dict[str, dict[int, dict]] = {}
+    for mode, batching in (("step-level engine", True), ("one at a time", False)):
+        proc, url = start_server(model, batching, args.max_batch)
+        try:
+            results[mode] = {}
+            for c in levels:
+                n = args.requests or max(32, 4 * c)
+                results[mode][c] = r = asyncio.run(closed_loop(url, c, n, args.size, seed=c))
+                print(f"{mode:18s} c={c:3d}  {r['images_per_s']:7.2f} img/s  p50 {r['p50_ms']:8.1f} ms  "
+                      f"p99 {r['p99_ms']:8.1f} ms", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+    lines = [
+        f"### Server load: step-level engine vs one at a time ({Path(model).name}, {args.size}x{args.size})",
+        "",
+        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU; "
+        f"date {datetime.now(UTC):%Y-%m-%d}",
+        f"- Command: `python bench/server_load.py {' '.join(sys.argv[1:])}`",
+        f"- Closed loop, steps uniform in 1-4, max batch {args.max_batch}, PNG responses",
+        "",
+        "| concurrency | engine img/s | one-at-a-time img/s | speed-up | engine p50 / p99 ms | "
+        "one-at-a-time p50 / p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in levels:
+        e, o = results["step-level engine"][c], results["one at a time"][c]
+        lines.append(f"| {c} | {e['images_per_s']:.2f} | {o['images_per_s']:.2f} | "
+                     f"{e['images_per_s'] / o['images_per_s']:.2f}x | {e['p50_ms']:.0f} / {e['p99_ms']:.0f} | "
+                     f"{o['p50_ms']:.0f} / {o['p99_ms']:.0f} |")
+    table = "\n".join(lines) + "\n"
+    print("\n" + table)
+    if args.write:
+        with open(args.write, "a") as f:
+            f.write("\n" + table)
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
