@@ -118,7 +118,22 @@ def tiny_pipeline(family: str, seed: int = 0, shift: int | None = None):
     raise ValueError(f"unknown family {family!r}: use sdxl or sd")
 
 
-def save_tiny_model(path: str | Path, family: str, seed: int = 0, shift: int | None = None) -> Path:
+def tiny_preview_decoder():
+    """A TAESD-shaped AutoencoderTiny matching the tiny VAE's 2x latent scale (real TAESD is 8x)."""
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1), latent_channels=4, upsampling_scaling_factor=2,
+    )
+
+
+def save_tiny_model(path: str | Path, family: str, seed: int = 0, shift: int | None = None,
+                    preview: bool = False) -> Path:
+    """Save a tiny model folder; `preview` adds a `vae_preview/` tiny decoder (used for streamed previews)."""
     path = Path(path)
     tiny_pipeline(family, seed=seed, shift=shift).save_pretrained(path)
+    if preview:
+        torch.manual_seed(seed + 1)
+        tiny_preview_decoder().save_pretrained(path / "vae_preview")
     return path
