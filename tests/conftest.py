@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from nitrofusion.pipeline import load_pipeline
-from nitrofusion.tiny import save_tiny_model
+import torch
+
+# Triton decides when it is imported (and diffusers imports it, through torch._dynamo) whether @triton.jit
+# compiles for a GPU or runs in its CPU interpreter. Without CUDA, choose the interpreter here, before
+# anything imports diffusers, so tests/test_kernels_*.py can run the kernels. Nothing else in the suite
+# launches Triton kernels on the CPU (the torch backend enables them only on CUDA), so this is inert there.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from nitrofusion.pipeline import load_pipeline  # noqa: E402
+from nitrofusion.tiny import save_tiny_model  # noqa: E402
 
 FAMILIES = ["sdxl", "sd"]
 
@@ -30,3 +41,22 @@ def tiny_sd_dir(tiny_dirs):
 def pipelines(tiny_dirs):
     """One loaded CPU pipeline per family, shared by tests that only read from it."""
     return {fam: load_pipeline(path, device="cpu") for fam, path in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def onnx_exports(tiny_dirs, tmp_path_factory):
+    """ONNX exports of the tiny models (SDXL fp32 + fp16, SD fp32), made once: tests/test_export_*.py and
+    tests/test_onnxruntime_backend.py."""
+    from export.onnx_export import export_onnx
+
+    root = tmp_path_factory.mktemp("onnx")
+    precisions = {"sdxl": ("fp32", "fp16"), "sd": ("fp32",)}
+    for fam, path in tiny_dirs.items():
+        export_onnx(path, root / fam, precisions=precisions[fam], progress=False)
+    return {fam: root / fam for fam in tiny_dirs}
+
+
+@pytest.fixture(scope="session")
+def ort_pipelines(onnx_exports):
+    """An ONNX Runtime (CPU) pipeline per family, loaded from the export folders (backend auto-detected)."""
+    return {fam: load_pipeline(path, device="cpu") for fam, path in onnx_exports.items()}

@@ -37,7 +37,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: LoadedModel, device: str | None = None, dtype: str | None = None,
-                 text_cache_size: int = 1024):
+                 text_cache_size: int = 1024, kernels: bool | None = None, cuda_graphs: bool | None = None):
         self.model = model
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         # The SDXL VAE overflows in fp16: decode in bf16 on CUDA, fp32 on the CPU.
@@ -52,6 +52,10 @@ class TorchBackend:
         self.vae_scale_factor = model.vae_scale_factor
         self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._text_cache_size = text_cache_size
+        # Fused Triton kernels (on by default on CUDA) and CUDA graphs (opt-in): kernels/accel.py.
+        from kernels.accel import Accelerator
+
+        self.accel = Accelerator.for_backend(self, kernels=kernels, cuda_graphs=cuda_graphs)
 
     # -- text ----------------------------------------------------------------------------------
     def count_tokens(self, prompt: str) -> int:
@@ -104,6 +108,8 @@ class TorchBackend:
         added = None
         if cond.pooled is not None:
             added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        if self.accel.active:
+            return self.accel.unet(latents.to(self.device, self.dtype), t, cond).float()
         out = self.model.unet(
             latents.to(self.device, self.dtype), t, encoder_hidden_states=cond.embeds,
             added_cond_kwargs=added, return_dict=False,
@@ -123,8 +129,10 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        image = self.model.vae.decode(self._unscale(latents.to(self.device, torch.float32)).to(self.vae_dtype),
-                                      return_dict=False)[0]
+        z = self._unscale(latents.to(self.device, torch.float32)).to(self.vae_dtype)
+        if self.accel.active:
+            return self.accel.decode(z)
+        image = self.model.vae.decode(z, return_dict=False)[0]
         return to_uint8(image)
 
     @torch.inference_mode()
@@ -133,7 +141,7 @@ class TorchBackend:
         if self.model.preview_vae is None:
             return self.decode(latents)
         image = self.model.preview_vae.decode(latents.to(self.device, self.vae_dtype), return_dict=False)[0]
-        return to_uint8(image)
+        return self.accel.to_uint8(image) if self.accel.active else to_uint8(image)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

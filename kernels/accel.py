@@ -1,0 +1,149 @@
+"""What the torch backend switches on for CUDA: fused kernels in the UNet / VAE decoder, the one-pass uint8
+postprocess, and CUDA graphs per batch bucket. One object per backend; `undo()` restores the models.
+
+Switches (constructor arguments of TorchBackend win over the environment):
+- kernels:     None -> on when the backend runs on CUDA and Triton is importable; NITROFUSION_KERNELS=0 turns
+               the default off. True on the CPU works only under TRITON_INTERPRET=1 (tests).
+- cuda_graphs: None -> NITROFUSION_CUDA_GRAPHS=1 turns them on (CUDA only); off by default until measured.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._common import available, interpreting
+from .cuda_graphs import DEFAULT_BUCKETS, CudaGraphCapturer, GraphCache
+from .patch import PatchHandle, patch_unet, patch_vae_decoder
+from .postprocess import to_uint8 as fused_to_uint8
+
+VAE_BUCKETS = (1, 2, 4, 8)  # bigger decode batches run eagerly (a b16 1024^2 decoder graph is tens of GB)
+
+
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def resolve_kernels(kernels: bool | None, device: torch.device) -> bool:
+    if kernels is None:
+        env = _env_flag("NITROFUSION_KERNELS")
+        return device.type == "cuda" and available() and env is not False
+    if kernels and not available():
+        raise ValueError("kernels=True needs triton (pip install -r requirements/kernels.txt)")
+    if kernels and device.type != "cuda" and not interpreting():
+        raise ValueError("kernels=True needs a CUDA device (or TRITON_INTERPRET=1, for tests on the CPU)")
+    return bool(kernels)
+
+
+def resolve_cuda_graphs(cuda_graphs: bool | None, device: torch.device) -> bool:
+    if cuda_graphs is None:
+        return device.type == "cuda" and bool(_env_flag("NITROFUSION_CUDA_GRAPHS"))
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError("cuda_graphs=True needs a CUDA device")
+    return bool(cuda_graphs)
+
+
+@dataclass
+class Accelerator:
+    kernels: bool = False
+    cuda_graphs: bool = False
+    handles: list[PatchHandle] = field(default_factory=list)
+    unet_graphs: GraphCache | None = None
+    vae_graphs: GraphCache | None = None
+    _unet: Any = None
+    _vae: Any = None
+
+    @property
+    def active(self) -> bool:
+        return self.kernels or self.cuda_graphs
+
+    @classmethod
+    def for_backend(cls, backend: Any, kernels: bool | None = None, cuda_graphs: bool | None = None,
+                    buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> Accelerator:
+        acc = cls(resolve_kernels(kernels, backend.device), resolve_cuda_graphs(cuda_graphs, backend.device))
+        model = backend.model
+        acc._unet, acc._vae = model.unet, model.vae
+        if acc.kernels:
+            acc.handles.append(patch_unet(model.unet))
+            acc.handles.append(patch_vae_decoder(model.vae))
+        if acc.cuda_graphs:
+            acc.build_graphs(buckets, CudaGraphCapturer())  # one memory pool for the UNet and decoder graphs
+        return acc
+
+    def build_graphs(self, buckets: tuple[int, ...], capturer) -> None:
+        """Route the UNet and decoder(+postprocess) calls through graph caches (tests pass a fake capturer)."""
+        self.cuda_graphs = True
+        self.unet_graphs = GraphCache(self._unet_eager, buckets, "unet", capturer)
+        vae_buckets = tuple(b for b in VAE_BUCKETS if b <= buckets[-1]) or (buckets[0],)
+        self.vae_graphs = GraphCache(self._decode_eager, vae_buckets, "vae", capturer)
+
+    def patch_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for h in self.handles:
+            for k, v in h.counts.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    # -- the calls the backend makes ---------------------------------------------------------------
+    def _unet_eager(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                    *added: torch.Tensor) -> torch.Tensor:
+        cond = {"text_embeds": added[0], "time_ids": added[1]} if added else None
+        return self._unet(latents, t, encoder_hidden_states=embeds, added_cond_kwargs=cond, return_dict=False)[0]
+
+    def unet(self, latents: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Model output for (B, C, h, w) latents in the UNet's dtype; cond is a backends.base.Conditioning."""
+        inputs = [latents, t, cond.embeds]
+        if cond.pooled is not None:
+            inputs += [cond.pooled, cond.time_ids]
+        if self.unet_graphs is not None:
+            return self.unet_graphs(*inputs)
+        return self._unet_eager(*inputs)
+
+    def _decode_eager(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder + postprocess: (B, 4, h, w) scaled-back latents -> (B, H, W, 3) uint8 on the device."""
+        image = self._vae.decode(z, return_dict=False)[0]
+        return fused_to_uint8(image) if self.kernels else _to_uint8_torch(image)
+
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        out = self.vae_graphs(z) if self.vae_graphs is not None else self._decode_eager(z)
+        return out.cpu().numpy()
+
+    def to_uint8(self, image: torch.Tensor) -> np.ndarray:
+        return (fused_to_uint8(image) if self.kernels else _to_uint8_torch(image)).cpu().numpy()
+
+    def warm_up(self, pipeline: Any, sizes: list[tuple[int, int]], buckets: tuple[int, ...] | None = None) -> int:
+        """Capture the graphs (and compile the Triton kernels) for every (width, height) x bucket before
+        serving, so no request pays for a capture: one 1-step generation per case. Returns the number run."""
+        from nitrofusion.generation import GenerationRequest
+
+        buckets = buckets or (self.unet_graphs.buckets if self.unet_graphs is not None else DEFAULT_BUCKETS)
+        runs = 0
+        for width, height in sizes:
+            for b in buckets:
+                reqs = [GenerationRequest(f"warm-up {i}", 1, seed=i, width=width, height=height) for i in range(b)]
+                pipeline(reqs)
+                runs += 1
+        return runs
+
+    def undo(self) -> None:
+        for h in reversed(self.handles):
+            h.undo()
+        self.handles.clear()
+        self.kernels = False
+        self.unet_graphs = self.vae_graphs = None
+        self.cuda_graphs = False
+
+
+def _to_uint8_torch(image: torch.Tensor) -> torch.Tensor:
+    from .postprocess import to_uint8_ref
+
+    return to_uint8_ref(image)
