@@ -1,0 +1,136 @@
+"""The discriminator: frozen teacher encoder features, head pool sampling, gradients, refresh, crops, losses."""
+
+import pytest
+import torch
+
+from trainer.config import TASKS, PoolConfig, UNetConfig
+from trainer.discriminator import FrozenEncoder, HeadPool, d_loss, encoder_features, g_loss, random_crops
+from trainer.models import alphas_cumprod, build_unet
+
+LATENT, CTX_LEN, CTX_DIM = 8, 6, 16
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    unet = build_unet(UNetConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4,
+                                 cross_attn=(False, True)), LATENT, CTX_DIM)
+    return FrozenEncoder(unet)
+
+
+def make_pool(encoder, **kw):
+    torch.manual_seed(0)
+    cfg = PoolConfig(heads_per_slot=3, head_channels=8, **kw)
+    return HeadPool(cfg, encoder.shapes(LATENT, CTX_LEN, CTX_DIM))
+
+
+def features(encoder, pool, heads, x0=None, gen_seed=0):
+    b = 2
+    x0 = torch.randn(b, 4, LATENT, LATENT) if x0 is None else x0
+    cond, uncond = torch.randn(b, CTX_LEN, CTX_DIM), torch.zeros(b, CTX_LEN, CTX_DIM)
+    return encoder_features(encoder, x0, 250, cond, uncond, pool.tasks_of(heads), 0.5, alphas_cumprod(),
+                            torch.Generator().manual_seed(gen_seed))
+
+
+def test_encoder_returns_every_level_and_is_frozen(encoder):
+    # conv_in, block 1 (resnet + downsampler), block 2 (resnet), mid block
+    shapes = encoder.shapes(LATENT, CTX_LEN, CTX_DIM)
+    assert shapes == [(8, 8), (8, 8), (8, 4), (16, 4), (16, 4)]
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_pool_size_and_subset_sampling(encoder):
+    pool = make_pool(encoder)
+    levels = len(pool.level_shapes)
+    assert len(pool) == 4 * levels * 3 * 3  # t* x levels x tasks x replicas
+    heads = pool.sample(500, torch.Generator().manual_seed(1))
+    assert len(heads) == levels * 3  # one replica per (level, task) of the drawn t*
+    slots = [pool.slot_of(h) for h in heads]
+    assert {s[0] for s in slots} == {500} and len(set(slots)) == len(slots)
+    assert {s[2] for s in slots} == set(TASKS)
+    # different draws pick different replicas; the same generator seed picks the same heads (DDP ranks agree)
+    draws = {tuple(pool.sample(500, torch.Generator().manual_seed(s))) for s in range(10)}
+    assert len(draws) > 1
+    assert pool.sample(10, torch.Generator().manual_seed(3)) == pool.sample(10, torch.Generator().manual_seed(3))
+
+
+def test_only_sampled_heads_get_gradients_and_change(encoder):
+    pool = make_pool(encoder)
+    opt = torch.optim.AdamW(pool.parameters(), lr=1e-2)
+    heads = pool.sample(250, torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in pool.parameters()]
+    real = features(encoder, pool, heads, gen_seed=1)
+    fake = features(encoder, pool, heads, gen_seed=2)
+    loss = d_loss(pool(real, heads), pool(fake, heads), "softplus")
+    loss.backward()
+    for i, head in enumerate(pool.heads):
+        has_grad = all(p.grad is not None for p in head.parameters())
+        assert has_grad == (i in heads), i
+    opt.step()
+    changed = {i for i, head in enumerate(pool.heads)
+               for p, q in zip(head.parameters(), before[sum(len(list(h.parameters())) for h in pool.heads[:i]):])
+               if not torch.equal(p, q)}
+    assert changed == set(heads)
+
+
+def test_refresh_reinitialises_about_one_percent_and_exactly_those(encoder):
+    pool = make_pool(encoder, refresh_fraction=0.01)
+    opt = torch.optim.AdamW(pool.parameters(), lr=1e-2)
+    # give every head optimizer state first
+    for h in pool.heads:
+        for p in h.parameters():
+            p.grad = torch.ones_like(p)
+    opt.step()
+    before = [[p.detach().clone() for p in h.parameters()] for h in pool.heads]
+    ids = pool.refresh(torch.Generator().manual_seed(7), opt)
+    assert len(ids) == max(1, round(0.01 * len(pool)))
+    changed = [i for i, h in enumerate(pool.heads)
+               if any(not torch.equal(p, q) for p, q in zip(h.parameters(), before[i]))]
+    assert changed == ids
+    for i in ids:
+        assert all(p not in opt.state for p in pool.heads[i].parameters())  # Adam moments dropped too
+    assert pool.refresh(torch.Generator().manual_seed(7), opt) == ids  # same seed, same heads (DDP ranks)
+    assert make_pool(encoder, refresh_fraction=0.0).refresh(torch.Generator(), opt) == []
+
+
+def test_global_heads_see_whole_image_local_heads_see_crops(encoder):
+    pool = make_pool(encoder)
+    heads = pool.sample(10, torch.Generator().manual_seed(0))
+    feats = features(encoder, pool, heads)
+    assert set(feats) == set(TASKS)
+    assert feats["global_cond"][0].shape[-1] == LATENT
+    assert feats["local_cond"][0].shape[-1] == LATENT // 2 == feats["local_uncond"][0].shape[-1]
+    # conditional and unconditional local views differ only by the prompt (same crops, same noise)
+    assert torch.equal(feats["local_cond"][0], feats["local_uncond"][0])  # conv_in: before any cross-attention
+    assert not torch.equal(feats["local_cond"][-1], feats["local_uncond"][-1])
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
+    crops = random_crops(x, 0.5, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 1, 4, 4)
+    for b in range(2):  # each crop is a contiguous window of its own image
+        flat = x[b].flatten().tolist()
+        assert crops[b, 0, 0, 0].item() in flat and crops[b, 0, 0, 1] - crops[b, 0, 0, 0] == 1
+
+
+def test_ablation_switches(encoder):
+    single = make_pool(encoder, single_head=True)
+    assert len(single) == 1 and all(single.sample(t, torch.Generator()) == [0] for t in (10, 250, 500, 750))
+    glob = make_pool(encoder, tasks=("global_cond",))
+    assert glob.tasks_of(glob.sample(250, torch.Generator())) == {"global_cond"}
+    cond = make_pool(encoder, tasks=("global_cond", "local_cond"))
+    assert "local_uncond" not in cond.tasks_of(cond.sample(250, torch.Generator()))
+    feats = features(encoder, glob, glob.sample(250, torch.Generator()))
+    assert set(feats) == {"global_cond"}  # no encoder pass is spent on crops nobody reads
+
+
+def test_generator_gradient_flows_through_frozen_encoder_to_the_fake(encoder):
+    pool = make_pool(encoder)
+    heads = pool.sample(750, torch.Generator().manual_seed(0))
+    fake = torch.randn(2, 4, LATENT, LATENT, requires_grad=True)
+    for kind in ("softplus", "hinge"):
+        fake.grad = None
+        g_loss(pool(features(encoder, pool, heads, x0=fake), heads), kind).backward()
+        assert fake.grad is not None and fake.grad.abs().sum() > 0
+    real = {0: torch.full((2, 1, 1, 1), 5.0)}
+    fake_l = {0: torch.full((2, 1, 1, 1), -5.0)}
+    assert d_loss(real, fake_l, "hinge").item() == 0.0  # both margins met
+    assert d_loss(real, fake_l, "softplus").item() < 0.02

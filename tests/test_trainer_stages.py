@@ -1,0 +1,140 @@
+"""Two-step smoke test of every stage on tiny models, resume after a stop and after a kill, the exported student."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nitrofusion.generation import GenerationRequest
+from nitrofusion.pipeline import load_pipeline
+from trainer.config import STAGES, apply_overrides, recipe
+from trainer.recipe import run
+
+from .helpers import CLI
+
+TRAINED = ["autoencoder", "text", "teacher", "init", "nitro"]  # stages with an optimizer and a step count
+CHECKPOINT_FILES = {"autoencoder": ["vae"], "text": ["text"], "teacher": ["unet"], "init": ["unet"],
+                    "nitro": ["student", "pool"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole tiny recipe, every stage, two steps each."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = recipe("tiny")
+    exported = run(cfg, root / "work", root / "model")
+    return cfg, root / "work", exported
+
+
+def copy_stages(src: Path, dst: Path, names: list[str]) -> None:
+    for n in names:
+        shutil.copytree(src / n, dst / n)
+
+
+def test_every_stage_leaves_checkpoint_config_and_metrics(tiny_run):
+    cfg, work, _ = tiny_run
+    for name in TRAINED:
+        folder = work / name
+        assert (folder / "DONE").is_file(), name
+        state = json.loads((folder / "checkpoint" / "state.json").read_text())
+        assert state["step"] == 2 and state["stage"] == name
+        for module in CHECKPOINT_FILES[name]:
+            assert (folder / "checkpoint" / f"{module}.safetensors").is_file()
+            assert (folder / "checkpoint" / f"{module}_optimizer.pt").is_file()
+        assert (folder / "checkpoint" / "rng_0.pt").is_file()
+        saved = json.loads((folder / "checkpoint" / "train_config.json").read_text())
+        assert saved == json.loads(json.dumps(cfg.to_dict()))
+        rows = (folder / "metrics.csv").read_text().splitlines()
+        assert rows[0].startswith("step,time_s") and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert len(list((work / "cache").glob("chunk_*.pt"))) == 2  # 4 pairs in chunks of 2
+    assert (work / "autoencoder" / "vae" / "config.json").is_file()
+    assert (work / "text" / "tokenizer").is_dir() and (work / "text" / "text_encoder").is_dir()
+    assert set(STAGES) == {"autoencoder", "text", "teacher", "cache", "init", "nitro", "export"}
+
+
+def test_exported_student_is_a_diffusers_folder_with_the_shift(tiny_run):
+    cfg, _, model = tiny_run
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert comp in index and (model / comp).is_dir()
+    sched = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["shifted_timestep"] == cfg.nitro.shift and sched["beta_schedule"] == "scaled_linear"
+    assert (model / "train_config.json").is_file()
+
+
+def test_student_loads_through_load_pipeline_and_generates_1_to_4_steps(tiny_run):
+    cfg, _, model = tiny_run
+    pipe = load_pipeline(model, device="cpu")
+    assert pipe.shift == cfg.nitro.shift and pipe.model.native_size == cfg.data.image_size
+    prompt = "large red striped circle on the left, blue background"
+    images = [pipe([GenerationRequest(prompt, s, 7, 32, 32)])[0] for s in (1, 2, 3, 4)]
+    for im in images:
+        assert im.shape == (32, 32, 3) and im.dtype == np.uint8
+    assert not np.array_equal(images[0], images[3])
+    assert np.array_equal(images[1], pipe([GenerationRequest(prompt, 2, 7, 32, 32)])[0])
+
+
+@pytest.mark.parametrize("stage", ["teacher", "nitro"])
+def test_resume_continues_and_matches_an_uninterrupted_run(tiny_run, tmp_path, stage, capsys):
+    """Stop after step 1, resume to step 3: the same weights as three steps in one go."""
+    _, work, _ = tiny_run
+    deps = ["autoencoder", "text"] + (["teacher", "cache", "init"] if stage == "nitro" else [])
+    key = "teacher.optim.steps" if stage == "teacher" else "nitro.phase_steps"
+    value = lambda n: str(n) if stage == "teacher" else f"[{n}]"  # noqa: E731
+    module = "unet" if stage == "teacher" else "student"
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for w in (straight, resumed):
+        copy_stages(work, w, deps)
+    run(apply_overrides(recipe("tiny"), [f"{key}={value(3)}"]), straight, tmp_path / "m1", [stage])
+
+    run(apply_overrides(recipe("tiny"), [f"{key}={value(1)}"]), resumed, tmp_path / "m2", [stage])
+    (resumed / stage / "DONE").unlink()  # as if it had been killed after the step-1 checkpoint
+    capsys.readouterr()
+    run(apply_overrides(recipe("tiny"), [f"{key}={value(3)}"]), resumed, tmp_path / "m2", [stage])
+    assert "resumed from step 1/3" in capsys.readouterr().out
+    rows = (resumed / stage / "metrics.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["1", "2", "3"]  # continued, not restarted
+    a = load_file(str(straight / stage / "checkpoint" / f"{module}.safetensors"))
+    b = load_file(str(resumed / stage / "checkpoint" / f"{module}.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_cli_train_resumes_after_sigkill(tiny_run, tmp_path):
+    """A real `nitrofusion train` process killed mid-stage picks up from its last checkpoint."""
+    _, work, _ = tiny_run
+    copy_stages(work, tmp_path, ["autoencoder", "text"])
+    args = [CLI, "train", "--recipe", "tiny", "--work", str(tmp_path), "--stage", "teacher"]
+    proc = subprocess.Popen(args + ["--set", "teacher.optim.steps=100000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    state = tmp_path / "teacher" / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 180
+    while not (state.is_file() and json.loads(state.read_text())["step"] >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.2)  # polling for a file another process writes, not a timing assertion
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = json.loads(state.read_text())["step"]
+    done = subprocess.run(args + ["--set", f"teacher.optim.steps={step + 1}"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from step {step}/{step + 1}" in done.stdout
+    assert json.loads(state.read_text())["step"] == step + 1 and (tmp_path / "teacher" / "DONE").is_file()
+
+
+def test_cli_rejects_bad_config_in_one_line(tmp_path):
+    proc = subprocess.run([CLI, "train", "--recipe", "tiny", "--work", str(tmp_path), "--set", "nitro.loss=l2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "nitro.loss" in proc.stderr

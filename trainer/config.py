@@ -1,0 +1,311 @@
+"""Every trainer knob in one dataclass tree, validated at construction and saved as JSON beside each checkpoint.
+
+`recipe("shapes")` is the CPU recipe for the bundled default model; `recipe("tiny")` is the same pipeline at
+toy sizes for tests and smoke runs. Overrides are dotted paths: `teacher.steps=200`, `nitro.pool.tasks=...`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+STAGES = ("autoencoder", "text", "teacher", "cache", "init", "nitro", "export")
+TASKS = ("global_cond", "local_cond", "local_uncond")
+DISC_TIMESTEPS = (10, 250, 500, 750)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class DataConfig:
+    # 64, not 128: measured on the 2-core CPU, the 128 recipe's teacher alone needs hours (README "Training").
+    image_size: int = 64
+    seed: int = 0
+    heldout_fraction: float = 0.1  # of (colour, shape, background) combinations, never trained on
+
+    def __post_init__(self):
+        _check(self.image_size % 8 == 0 and self.image_size >= 32, "data.image_size must be a multiple of 8, >= 32")
+        _check(0 <= self.heldout_fraction < 0.5, "data.heldout_fraction must be in [0, 0.5)")
+
+
+@dataclass
+class OptimConfig:
+    """One training loop: steps, batch, AdamW, accumulation, checkpoint cadence."""
+
+    steps: int = 1000
+    batch_size: int = 32  # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: int = 100
+    grad_clip: float = 1.0
+    checkpoint_every: int = 200
+    log_every: int = 10
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)  # JSON gives a list
+        _check(self.steps >= 0, "steps must be >= 0")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
+        _check(self.lr > 0, "lr must be > 0")
+        _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
+
+
+@dataclass
+class AutoencoderConfig:
+    """Stage 0a: AutoencoderKL, 8x down (four blocks), trained on dataset images (L1 + L2 + tiny KL)."""
+
+    block_out_channels: tuple[int, ...] = (8, 16, 32, 64)  # thin at full resolution: that is where FLOPs go
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 8
+    kl_weight: float = 1e-6
+    crop_size: int = 0  # train on random crops of this side (fully convolutional: 4x cheaper at half); 0 = off
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=400, batch_size=16, lr=1e-3, warmup=50))
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        _check(len(self.block_out_channels) == 4, "autoencoder.block_out_channels needs 4 entries (8x down)")
+        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               "autoencoder.block_out_channels must be multiples of norm_num_groups")
+        _check(self.crop_size % 8 == 0 and self.crop_size >= 0, "autoencoder.crop_size: a multiple of 8 (0 = off)")
+
+
+@dataclass
+class TextConfig:
+    """Stage 0b: CLIP text encoder over a byte-level BPE tokenizer whose merges spell the grammar's words.
+
+    Trained by attribute probing: linear heads on the pooled (EOS) state predict size, colour, fill, shape,
+    position and background. Any other text still tokenises, byte by byte.
+    """
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = 32
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=600, batch_size=64, lr=1e-3, warmup=50))
+
+    def __post_init__(self):
+        _check(self.hidden_size % self.num_heads == 0, "text.hidden_size must be divisible by text.num_heads")
+        _check(self.max_length >= 24, "text.max_length must be >= 24 (the longest grammar prompt is ~16 tokens)")
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 16  # block widths must be multiples of it
+    cross_attn: tuple[bool, ...] = (False, True, True)  # per down block (up blocks mirror it)
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        self.cross_attn = tuple(self.cross_attn)
+        _check(len(self.cross_attn) == len(self.block_out_channels), "unet.cross_attn needs one flag per block")
+
+
+@dataclass
+class TeacherConfig:
+    """Stage 1: epsilon-prediction diffusion (SDXL's scaled_linear betas), sampled with DPM-Solver++."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    cond_dropout: float = 0.1  # empty prompt this often, for classifier-free guidance
+    sample_steps: int = 25
+    guidance_scale: float = 3.0
+    latent_pool: int = 12288  # dataset images VAE-encoded once and reused (0: encode every batch on the fly)
+    gradient_checkpointing: bool = False
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1500, batch_size=32, lr=3e-4))
+
+    def __post_init__(self):
+        _check(0 <= self.cond_dropout < 1, "teacher.cond_dropout must be in [0, 1)")
+        _check(1 <= self.sample_steps <= 1000, "teacher.sample_steps must be in [1, 1000]")
+
+
+@dataclass
+class CacheConfig:
+    """Stage 2a: (noise, prompt) -> teacher x0 pairs, generated once; also the 'real' samples of stage 3."""
+
+    num_pairs: int = 512
+    batch_size: int = 64
+
+
+@dataclass
+class InitConfig:
+    """Stage 2b: one-step initialisation by regression of the student's one-step x0 on the teacher's x0."""
+
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=300, batch_size=32, lr=1e-4, warmup=20))
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class PoolConfig:
+    """The discriminator head pool (paper Sec. 3.2). Ablations are switches here."""
+
+    timesteps: tuple[int, ...] = DISC_TIMESTEPS  # t*: each head is an expert for one
+    tasks: tuple[str, ...] = TASKS  # global-only ablation: ("global_cond",); cond-only: drop local_uncond
+    heads_per_slot: int = 4  # heads per (t*, feature level, task); pool = |t*| x levels x |tasks| x this
+    single_head: bool = False  # ablation: one head (mid-block features, global, conditional) for every t*
+    refresh_fraction: float = 0.01  # share of the whole pool re-initialised every iteration (0: no refresh)
+    crop_fraction: float = 0.5  # local heads read random crops of this side (in latent pixels), own encoder pass
+    head_channels: int = 32  # shapes pool: 336 heads, 10M params in all (64 channels: 23M)
+    min_map: int = 2  # heads stride down to this side before the 1x1 logit conv
+
+    def __post_init__(self):
+        self.timesteps = tuple(self.timesteps)
+        self.tasks = tuple(self.tasks)
+        _check(all(0 <= t < 1000 for t in self.timesteps) and self.timesteps, "nitro.pool.timesteps in [0, 1000)")
+        _check(bool(self.tasks) and all(t in TASKS for t in self.tasks), f"nitro.pool.tasks: choose from {TASKS}")
+        _check(self.heads_per_slot >= 1, "nitro.pool.heads_per_slot must be >= 1")
+        _check(0 <= self.refresh_fraction < 1, "nitro.pool.refresh_fraction must be in [0, 1)")
+        _check(0 < self.crop_fraction <= 1, "nitro.pool.crop_fraction must be in (0, 1]")
+
+
+@dataclass
+class NitroConfig:
+    """Stage 3: dynamic adversarial training, then bottom-up refinement for 2, 3, 4 steps."""
+
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    loss: str = "softplus"  # or "hinge"
+    shift: int = 250  # timestep shift S; saved as `shifted_timestep` in the student's scheduler config
+    # Bottom-up: iterations spent with max steps 1, 2, 3, 4. In phase k each iteration draws its step count
+    # uniformly from 1..k, runs the first steps without grad and trains the last (re-noised own output).
+    phase_steps: tuple[int, ...] = (250, 50, 50, 50)
+    lr_disc: float = 2e-4
+    disc_steps: int = 1  # discriminator updates per generator update
+    gradient_checkpointing: bool = False
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=0, batch_size=16, lr=2e-5, warmup=0))
+
+    def __post_init__(self):
+        self.phase_steps = tuple(self.phase_steps)
+        _check(self.loss in ("softplus", "hinge"), "nitro.loss must be 'softplus' or 'hinge'")
+        _check(0 < self.shift <= 1000, "nitro.shift must be in (0, 1000]")
+        _check(1 <= len(self.phase_steps) <= 4, "nitro.phase_steps: 1 to 4 entries (max steps 1..4)")
+        self.optim.steps = sum(self.phase_steps)  # total iterations; the phases decide the step count
+
+    def max_steps_at(self, iteration: int) -> int:
+        """Which bottom-up phase (1-4) an iteration belongs to."""
+        end = 0
+        for k, n in enumerate(self.phase_steps, start=1):
+            end += n
+            if iteration < end:
+                return k
+        return len(self.phase_steps)
+
+
+@dataclass
+class RunConfig:
+    device: str = "auto"  # auto | cpu | cuda (accelerate places modules)
+    mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU; or "no" / "bf16" / "fp16"
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
+
+    def __post_init__(self):
+        _check(self.device in ("auto", "cpu", "cuda"), "run.device must be auto, cpu or cuda")
+        _check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), "run.mixed_precision: auto|no|bf16|fp16")
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "shapes"
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    nitro: NitroConfig = field(default_factory=NitroConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return _build(cls, d, "")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _build(cls: type, d: dict, prefix: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}{unknown[0]!s}; known: {', '.join(sorted(known))}")
+    kwargs = {}
+    defaults = cls()
+    for name, value in d.items():
+        current = getattr(defaults, name)
+        if is_dataclass(current) and isinstance(value, dict):
+            sub = asdict(current)
+            sub.update(value)
+            kwargs[name] = _build(type(current), sub, f"{prefix}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """`a.b.c=value` strings; values parse as JSON when they can (numbers, true, [1,2]), else as strings."""
+    d = cfg.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. teacher.optim.steps=100")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = d
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ValueError(f"unknown config section {p!r} in override {item!r}")  # noqa: TRY004
+            node = node[p]
+        if parts[-1] not in node:
+            raise ValueError(f"unknown config key {key!r}; known here: {', '.join(sorted(node))}")
+        node[parts[-1]] = value
+    return TrainConfig.from_dict(d)
+
+
+def _tiny() -> TrainConfig:
+    """Toy sizes: 32x32 images, 4x4 latents, a few steps per stage. For tests and smoke runs only."""
+    def opt(steps: int = 2, batch: int = 2, **kw) -> OptimConfig:
+        return OptimConfig(steps=steps, batch_size=batch, warmup=0, checkpoint_every=1, log_every=1, **kw)
+
+    return TrainConfig(
+        recipe="tiny",
+        data=DataConfig(image_size=32),
+        autoencoder=AutoencoderConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, crop_size=16, optim=opt()),
+        text=TextConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, max_length=24, optim=opt()),
+        teacher=TeacherConfig(unet=UNetConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4,
+                                              cross_attn=(False, True)), sample_steps=2, latent_pool=6,
+                              optim=opt()),
+        cache=CacheConfig(num_pairs=4, batch_size=2),
+        init=InitConfig(optim=opt()),
+        nitro=NitroConfig(pool=PoolConfig(heads_per_slot=2, head_channels=8, refresh_fraction=0.05),
+                          phase_steps=(1, 1), optim=opt(steps=0)),
+        run=RunConfig(device="cpu"),
+    )
+
+
+RECIPES = {"shapes": TrainConfig, "tiny": _tiny}
+
+
+def recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: choose from {', '.join(RECIPES)}")
+    return RECIPES[name]()
+
+
+__all__ = ["STAGES", "TASKS", "TrainConfig", "apply_overrides", "recipe"]

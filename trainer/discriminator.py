@@ -1,0 +1,192 @@
+"""NitroFusion's discriminator: the frozen teacher encoder and a dynamic pool of small heads (paper Sec. 3.2).
+
+`FrozenEncoder` runs the teacher UNet's conv_in, down blocks and mid block and returns every feature map
+(conv_in, each down-block resnet and downsampler output, the mid block): 10 for SDXL, 7 for the shapes
+recipe's 3-block UNet. `HeadPool` keeps `heads_per_slot` heads for every (t*, feature level, task) slot; each
+iteration samples one head per (level, task) of the drawn t*, and re-initialises ~1% of all heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PoolConfig
+from .models import add_noise
+
+
+class FrozenEncoder(nn.Module):
+    """The teacher UNet's encoder (down blocks + mid block), frozen; gradients still flow to its input."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.conv_in, self.time_proj, self.time_embedding = unet.conv_in, unet.time_proj, unet.time_embedding
+        self.down_blocks, self.mid_block = unet.down_blocks, unet.mid_block
+        self.requires_grad_(False).eval()
+        self.latent_channels = unet.config.in_channels
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> list[torch.Tensor]:
+        emb = self.time_embedding(self.time_proj(t).to(x.dtype))  # (B, C_t)
+        h = self.conv_in(x)
+        feats = [h]
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, res = block(h, temb=emb, encoder_hidden_states=ctx)
+            else:
+                h, res = block(h, temb=emb)
+            feats.extend(res)  # each resnet output, then the downsampler's (== h) when there is one
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb, encoder_hidden_states=ctx)
+            feats.append(h)
+        return feats
+
+    @torch.no_grad()
+    def shapes(self, latent: int, ctx_len: int, ctx_dim: int) -> list[tuple[int, int]]:
+        """(channels, side) of each feature level for a latent side, from one dry run."""
+        dev = next(self.parameters()).device
+        x = torch.zeros(1, self.latent_channels, latent, latent, device=dev)
+        feats = self(x, torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, ctx_len, ctx_dim, device=dev))
+        return [(f.shape[1], f.shape[-1]) for f in feats]
+
+
+def _groups(ch: int) -> int:
+    return math.gcd(ch, 32) if ch >= 8 else 1
+
+
+class Head(nn.Module):
+    """DMD2-style head: strided 4x4 convs + GroupNorm + SiLU down to a small map, then a 1x1 conv to logits."""
+
+    def __init__(self, in_ch: int, side: int, width: int, min_map: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch, s = in_ch, side
+        while s > min_map:
+            layers += [nn.Conv2d(ch, width, 4, stride=2, padding=1), nn.GroupNorm(_groups(width), width), nn.SiLU()]
+            ch, s = width, s // 2
+        if not layers:  # already small: one 3x3 layer so the head still has capacity
+            layers += [nn.Conv2d(ch, width, 3, padding=1), nn.GroupNorm(_groups(width), width), nn.SiLU()]
+            ch = width
+        layers.append(nn.Conv2d(ch, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, 1, h, w) logit map
+
+    @torch.no_grad()
+    def reinit(self, gen: torch.Generator) -> None:
+        """PyTorch's default init, drawn from `gen` so every DDP rank re-initialises identically."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+                bound = 1 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)) and the bias share this bound
+                m.weight.copy_((torch.rand(m.weight.shape, generator=gen) * 2 - 1) * bound)
+                m.bias.copy_((torch.rand(m.bias.shape, generator=gen) * 2 - 1) * bound)
+            elif isinstance(m, nn.GroupNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+
+
+class HeadPool(nn.Module):
+    """All heads, indexed by slot (t*, level, task) x replica. Only sampled heads run (and so get gradients)."""
+
+    def __init__(self, cfg: PoolConfig, level_shapes: list[tuple[int, int]]):
+        super().__init__()
+        self.cfg = cfg
+        self.level_shapes = level_shapes
+        if cfg.single_head:
+            # Ablation: one head (deepest level, whole image, with the prompt) used for every t*.
+            self.slots = [(None, len(level_shapes) - 1, "global_cond")]
+            k = 1
+        else:
+            self.slots = [(t, lvl, task) for t in cfg.timesteps for lvl in range(len(level_shapes))
+                          for task in cfg.tasks]
+            k = cfg.heads_per_slot
+        self.replicas = k
+        self.heads = nn.ModuleList(
+            Head(level_shapes[lvl][0], level_shapes[lvl][1], cfg.head_channels, cfg.min_map)
+            for (_, lvl, _) in self.slots for _ in range(k)
+        )
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def slot_of(self, head: int) -> tuple[int | None, int, str]:
+        return self.slots[head // self.replicas]
+
+    def tasks_of(self, heads: list[int]) -> set[str]:
+        return {self.slot_of(h)[2] for h in heads}
+
+    def sample(self, t_star: int, gen: torch.Generator) -> list[int]:
+        """One random replica per (level, task) slot of this t* (all of the pool's slots for single_head)."""
+        chosen = []
+        for s, (t, _, _) in enumerate(self.slots):
+            if t is None or t == t_star:
+                chosen.append(s * self.replicas + int(torch.randint(self.replicas, (1,), generator=gen)))
+        return chosen
+
+    def refresh(self, gen: torch.Generator, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
+        """Re-initialise round(refresh_fraction * pool) random heads (at least one when the fraction is > 0)
+        and drop their AdamW moments so they restart as new heads."""
+        if self.cfg.refresh_fraction <= 0:
+            return []
+        n = max(1, round(self.cfg.refresh_fraction * len(self.heads)))
+        ids = torch.randperm(len(self.heads), generator=gen)[:n].tolist()
+        for i in ids:
+            self.heads[i].reinit(gen)
+            if optimizer is not None:
+                for p in self.heads[i].parameters():
+                    optimizer.state.pop(p, None)
+        return sorted(ids)
+
+    def forward(self, feats: dict[str, list[torch.Tensor]], heads: list[int]) -> dict[int, torch.Tensor]:
+        """feats[task][level]: (B, C, h, w). Returns each sampled head's logit map (B, 1, h', w')."""
+        return {i: self.heads[i](feats[self.slot_of(i)[2]][self.slot_of(i)[1]]) for i in heads}
+
+
+def random_crops(x: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """One random square crop per row, side = fraction of the latent side: (B, C, c, c)."""
+    b, _, h, w = x.shape
+    c = max(1, round(fraction * min(h, w)))
+    ys = torch.randint(0, h - c + 1, (b,), generator=gen).tolist()
+    xs = torch.randint(0, w - c + 1, (b,), generator=gen).tolist()
+    return torch.stack([x[i, :, y:y + c, xx:xx + c] for i, (y, xx) in enumerate(zip(ys, xs))])
+
+
+def encoder_features(encoder: FrozenEncoder, x0: torch.Tensor, t_star: int, cond: torch.Tensor,
+                     uncond: torch.Tensor, tasks: set[str], crop_fraction: float, abar: torch.Tensor,
+                     gen: torch.Generator) -> dict[str, list[torch.Tensor]]:
+    """Noise x0 to t*, then run the frozen encoder once per needed view: whole image with the prompt
+    (global_cond), random crops with the prompt (local_cond) and the same crops with "" (local_uncond)."""
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+    t = torch.full((b,), t_star, dtype=torch.long, device=x0.device)
+    xt = add_noise(x0, noise, t, abar)
+    feats: dict[str, list[torch.Tensor]] = {}
+    if "global_cond" in tasks:
+        feats["global_cond"] = encoder(xt, t, cond)
+    if tasks & {"local_cond", "local_uncond"}:
+        crops = random_crops(xt, crop_fraction, gen)
+        if "local_cond" in tasks:
+            feats["local_cond"] = encoder(crops, t, cond)
+        if "local_uncond" in tasks:
+            feats["local_uncond"] = encoder(crops, t, uncond)
+    return feats
+
+
+def d_loss(real: dict[int, torch.Tensor], fake: dict[int, torch.Tensor], kind: str) -> torch.Tensor:
+    """Mean over sampled heads of the per-head loss (mean over the logit map)."""
+    terms = []
+    for i, r in real.items():
+        if kind == "hinge":
+            terms.append(F.relu(1 - r).mean() + F.relu(1 + fake[i]).mean())
+        else:  # non-saturating softplus (DMD2's form)
+            terms.append(F.softplus(-r).mean() + F.softplus(fake[i]).mean())
+    return torch.stack(terms).mean()
+
+
+def g_loss(fake: dict[int, torch.Tensor], kind: str) -> torch.Tensor:
+    terms = [(-f).mean() if kind == "hinge" else F.softplus(-f).mean() for f in fake.values()]
+    return torch.stack(terms).mean()

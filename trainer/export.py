@@ -1,0 +1,42 @@
+"""Save the student as a diffusers StableDiffusionPipeline folder that `nitrofusion.pipeline.load_pipeline` loads.
+
+The scheduler is diffusers' LCMScheduler on SDXL's noise schedule, with `shifted_timestep` registered (the key
+the official NitroFusion recipe uses), so the server and CLI pick the training shift up with no flag.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nitrofusion.models import SHIFT_KEY
+
+from .config import TrainConfig
+from .models import NOISE_SCHEDULE
+
+
+def student_scheduler(shift: int):
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(**NOISE_SCHEDULE, prediction_type="epsilon", original_inference_steps=4,
+                         timestep_spacing="leading", steps_offset=1, set_alpha_to_one=True)
+    sched.register_to_config(**{SHIFT_KEY: int(shift)})
+    return sched
+
+
+def export_student(cfg: TrainConfig, out: Path, unet_dir: Path, frozen_dirs: dict[str, Path]) -> Path:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(frozen_dirs["vae"]),
+        text_encoder=CLIPTextModel.from_pretrained(frozen_dirs["text_encoder"]),
+        tokenizer=CLIPTokenizer.from_pretrained(frozen_dirs["tokenizer"]),
+        unet=UNet2DConditionModel.from_pretrained(unet_dir),
+        scheduler=student_scheduler(cfg.nitro.shift),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out)
+    cfg.save(out / "train_config.json")  # how it was made; diffusers ignores the extra file
+    return out
