@@ -37,12 +37,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, batching: bool, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, batching: bool, max_batch: int, backend: str | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     args = [CLI, "serve", "--model", model, "--port", str(port), "--max-queue", "4096", "--log-level", "warning",
             "--max-batch", str(max_batch), "--request-timeout", "3600"]
     if not batching:
         args.append("--no-batching")
+    if backend:
+        args += ["--backend", backend]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -98,6 +100,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default max(32, 4 x C))")
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--backend", default=None, help="torch (default) or onnxruntime")
     ap.add_argument("--write", default=None, help="append the results to this markdown file (BENCHMARKS.md)")
     args = ap.parse_args()
 
@@ -116,7 +119,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, dict[int, dict]] = {}
     for mode, batching in (("step-level engine", True), ("one at a time", False)):
-        proc, url = start_server(model, batching, args.max_batch)
+        proc, url = start_server(model, batching, args.max_batch, args.backend)
         try:
             results[mode] = {}
             for c in levels:
@@ -129,15 +132,16 @@ def main() -> None:
             proc.wait(60)
 
     lines = [
-        f"### Server load: step-level engine vs one at a time ({Path(model).name}, {args.size}x{args.size})",
+        (f"### Server load: step-level engine vs one at a time ({Path(model).name}, {args.size}x{args.size}, "
+        f"{args.backend or 'torch'} backend)"),
         "",
-        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU; "
-        f"date {datetime.now(UTC):%Y-%m-%d}",
+        (f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU; "
+        f"date {datetime.now(UTC):%Y-%m-%d}"),
         f"- Command: `python bench/server_load.py {' '.join(sys.argv[1:])}`",
         f"- Closed loop, steps uniform in 1-4, max batch {args.max_batch}, PNG responses",
         "",
-        "| concurrency | engine img/s | one-at-a-time img/s | speed-up | engine p50 / p99 ms | "
-        "one-at-a-time p50 / p99 ms |",
+        ("| concurrency | engine img/s | one-at-a-time img/s | speed-up | engine p50 / p99 ms | "
+        "one-at-a-time p50 / p99 ms |"),
         "|---|---|---|---|---|---|",
     ]
     for c in levels:

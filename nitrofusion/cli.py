@@ -1,4 +1,4 @@
-"""`nitrofusion` command line: generate, serve. Errors are one line on stderr, never a traceback."""
+"""`nitrofusion` command line: generate, export, serve. Errors are one line on stderr, never a traceback."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="timestep shift S when the model folder sets none (default 250; Vibrant uses 500)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--backend", default=None,
+                   help="torch, onnxruntime or tensorrt (default: torch; an export folder picks its own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--out", required=True, metavar="FILE", help="output image (.png, .jpg or .webp)")
 
+    exp = sub.add_parser("export", help="export a model to ONNX or TensorRT engines (usable as --model)")
+    exp.add_argument("--model", metavar="DIR", required=True, help="diffusers model folder")
+    exp.add_argument("--unet", metavar="FILE", help="UNet state dict (.safetensors) to swap in before exporting")
+    exp.add_argument("--format", required=True, help="onnx or tensorrt")
+    exp.add_argument("--out", metavar="DIR", required=True, help="new folder for the export")
+    exp.add_argument("--precision", default=None,
+                     help="onnx: fp32,fp16 (default both); tensorrt: fp16 (default), bf16, fp8 or fp32")
+    exp.add_argument("--buckets", default=None, help="tensorrt: batch sizes, one profile each (default: the engine's)")
+    exp.add_argument("--sizes", default=None, help="tensorrt: WIDTHxHEIGHT list (default: the model's native size)")
+
     serve = sub.add_parser("serve", help="serve the HTTP API (flags override NITRO_* environment variables)")
     _model_args(serve)
     serve.add_argument("--host", default=None, help="default 127.0.0.1 (NITRO_HOST)")
@@ -46,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long an idle engine waits to fill a batch, default 0")
     serve.add_argument("--no-batching", dest="batching", action="store_const", const=False, default=None,
                        help="one request at a time (for comparison)")
+
+    train = sub.add_parser("train", help="train a student (stages 0-3 + export; resumable)")
+    from trainer.cli import add_arguments as _train_args  # argparse only: the trainer's heavy imports stay lazy
+
+    _train_args(train)
     return parser
 
 
@@ -69,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_steps(args.steps)  # the checks that need no model run before the (slow) model load
     if args.seed is not None:
         check_seed(args.seed)
-    pipe = load_pipeline(args.model, args.unet, args.shift, args.device, args.dtype)
+    pipe = load_pipeline(args.model, args.unet, args.shift, args.device, args.dtype, backend=args.backend)
     seed = secrets.randbits(63) if args.seed is None else args.seed
     native = pipe.model.native_size
     req = GenerationRequest(args.prompt, args.steps, seed, args.width or native, args.height or native)
@@ -77,6 +94,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.write_bytes(encode_image(image, fmt))
     print(f"wrote {out} ({req.width}x{req.height}, {req.steps} step{'s' * (req.steps > 1)}, seed {seed})")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.cli import run_export
+
+    return run_export(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -101,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"generate": cmd_generate, "serve": cmd_serve}[args.command](args)
+        if args.command == "train":
+            from trainer.cli import train_command  # lazy: torch/diffusers load only when training
+
+            return train_command(args)
+        return {"generate": cmd_generate, "export": cmd_export, "serve": cmd_serve}[args.command](args)
     except InvalidRequest as e:
         print(f"nitrofusion {args.command}: error: --{e.field}: {e.reason}", file=sys.stderr)
         return 2

@@ -42,6 +42,9 @@ class Pipeline:
         check_seed(req.seed)
         check_size("width", req.width, self.size_limits)
         check_size("height", req.height, self.size_limits)
+        backend_check = getattr(self.backend, "check_request", None)
+        if backend_check is not None:
+            backend_check(req)  # e.g. TensorRT: a size outside every engine profile
 
     def __call__(self, requests: list[GenerationRequest]) -> list[np.ndarray]:
         for r in requests:
@@ -50,7 +53,8 @@ class Pipeline:
 
 
 def load_pipeline(model_dir: str | Path | None, unet_file: str | Path | None = None, shift: int | None = None,
-                  device: str | None = None, dtype: str | None = None) -> Pipeline:
+                  device: str | None = None, dtype: str | None = None, backend: str | None = None) -> Pipeline:
+    """backend: torch | onnxruntime | tensorrt; None picks torch, or what an export folder was made for."""
     if model_dir is None:
         model_dir = default_model_dir()
         if model_dir is None:
@@ -58,6 +62,12 @@ def load_pipeline(model_dir: str | Path | None, unet_file: str | Path | None = N
                 "no --model given and no bundled default model in this checkout yet: "
                 "pass --model DIR (a local diffusers folder, e.g. SDXL base)"
             )
+    from .backends.select import load_backend, resolve_backend_name
+
+    name = resolve_backend_name(backend, model_dir)
+    if name != "torch":
+        model, runtime = load_backend(name, model_dir, unet_file, shift, device, dtype)
+        return Pipeline(model, runtime, LCMSampler.from_scheduler_config(model.scheduler_config))
     resolve_device_dtype(device, dtype)  # a bad device or dtype fails before the (slow) model load
     model = load_model(model_dir, unet_file=unet_file, shift=shift)
     backend = TorchBackend(model, device=device, dtype=dtype)

@@ -132,7 +132,8 @@ class DrainingServer(uvicorn.Server):
 def run_server(settings: ServerSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)
-    pipe = load_pipeline(settings.model, settings.unet, settings.shift, settings.device, settings.dtype)
+    pipe = load_pipeline(settings.model, settings.unet, settings.shift, settings.device, settings.dtype,
+                         backend=settings.backend)
     app = create_app(pipe, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.drain_timeout + 5,

@@ -25,7 +25,7 @@ class ServerSettings(BaseSettings):
     shift: int | None = None
     device: str | None = None
     dtype: str | None = None
-    backend: str = "torch"
+    backend: str | None = None  # torch | onnxruntime | tensorrt; None: torch, or what an export folder holds
     # network
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

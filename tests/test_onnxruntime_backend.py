@@ -1,0 +1,121 @@
+"""The ONNX Runtime backend is a drop-in for the torch backend: same seeds give the same images (within
+2/255, CPU fp32) for both families, 1 and 4 steps, and a batch whose rows are at different steps."""
+
+import numpy as np
+import pytest
+
+from nitrofusion.errors import NitroError
+from nitrofusion.generation import GenerationRequest
+from nitrofusion.pipeline import load_pipeline
+
+PROMPT = "a photo of a red cat"
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd"])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_parity_with_torch(pipelines, ort_pipelines, family, steps):
+    assert ort_pipelines[family].backend.name == "onnxruntime"
+    for seed, (w, h) in ((1234, (64, 48)), (7, (32, 32))):  # a non-native, non-square size too
+        req = GenerationRequest(PROMPT, steps, seed=seed, width=w, height=h)
+        ours = ort_pipelines[family]([req])[0]
+        ref = pipelines[family]([req])[0]
+        assert ours.shape == (h, w, 3)
+        assert _max_diff(ours, ref) <= 2
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd"])
+def test_batch_mixing_step_counts(pipelines, ort_pipelines, family):
+    """Rows at steps 1-4 share every ORT UNet call (one timestep per row) and match torch run alone."""
+    reqs = [GenerationRequest(p, s, seed=100 + s, width=48, height=32)
+            for s, p in zip((1, 2, 3, 4), ("a red cat", "a blue dog", "a green square", "a cat"))]
+    batched = ort_pipelines[family](reqs)
+    for req, img in zip(reqs, batched):
+        assert _max_diff(img, pipelines[family]([req])[0]) <= 2
+
+
+def test_parity_check_is_sensitive(pipelines, ort_pipelines):
+    """Control: the 2/255 comparison notices another seed."""
+    a = ort_pipelines["sd"]([GenerationRequest(PROMPT, 2, seed=1, width=32, height=32)])[0]
+    b = pipelines["sd"]([GenerationRequest(PROMPT, 2, seed=2, width=32, height=32)])[0]
+    assert _max_diff(a, b) > 8
+
+
+def test_same_interface_as_torch(pipelines, ort_pipelines):
+    ort, torch_pipe = ort_pipelines["sdxl"], pipelines["sdxl"]
+    be = ort.backend
+    assert (be.latent_channels, be.vae_scale_factor) == (torch_pipe.backend.latent_channels,
+                                                         torch_pipe.backend.vae_scale_factor)
+    assert be.count_tokens(PROMPT) == torch_pipe.backend.count_tokens(PROMPT)
+    assert ort.model.native_size == torch_pipe.model.native_size and ort.shift == torch_pipe.shift
+    assert ort.model.max_prompt_tokens == torch_pipe.model.max_prompt_tokens
+    cond = be.encode_text([PROMPT, "a dog"], [(64, 48), (32, 32)])
+    ref = torch_pipe.backend.encode_text([PROMPT, "a dog"], [(64, 48), (32, 32)])
+    for ours, theirs in ((cond.embeds, ref.embeds), (cond.pooled, ref.pooled), (cond.time_ids, ref.time_ids)):
+        assert ours.shape == theirs.shape and float((ours - theirs).abs().max()) < 1e-4
+    latents = __import__("torch").randn(2, 4, 8, 8)
+    assert be.decode(latents).shape == (2, 16, 16, 3) and be.decode(latents).dtype == np.uint8
+    assert be.preview(latents).shape == (2, 16, 16, 3)  # no tiny decoder: the full VAE
+
+
+def test_prompt_embeddings_are_cached(ort_pipelines, monkeypatch):
+    be = ort_pipelines["sd"].backend
+    calls = []
+    real = be._encode_uncached
+    monkeypatch.setattr(be, "_encode_uncached", lambda prompts: calls.append(list(prompts)) or real(prompts))
+    be.encode_text(["a blue square", "a red circle"], [(32, 32)] * 2)
+    be.encode_text(["a red circle", "a blue square", "a red circle"], [(32, 32)] * 3)
+    assert calls == [["a blue square", "a red circle"]]
+
+
+def test_export_folder_refuses_torch_and_unet(onnx_exports, tmp_path):
+    with pytest.raises(NitroError, match="use --backend onnxruntime"):
+        load_pipeline(onnx_exports["sd"], backend="torch")
+    with pytest.raises(NitroError, match="--unet cannot be swapped"):
+        load_pipeline(onnx_exports["sd"], unet_file=tmp_path / "u.safetensors")
+
+
+def test_precision_choice():
+    from nitrofusion.backends.onnxruntime_backend import resolve_precision
+
+    assert resolve_precision("cpu", None, ["fp32", "fp16"]) == "fp32"
+    assert resolve_precision("cuda", None, ["fp32", "fp16"]) == "fp16"
+    assert resolve_precision("cuda", None, ["fp32"]) == "fp32"
+    with pytest.raises(NitroError, match="not supported on the CPU"):
+        resolve_precision("cpu", "float16", ["fp32", "fp16"])
+    with pytest.raises(NitroError, match="no fp16 graphs"):
+        resolve_precision("cuda", "float16", ["fp32"])
+
+
+def test_server_on_onnxruntime(onnx_exports, pipelines):
+    """`serve --model EXPORT_DIR`: the server's batching engine on ORT sessions, concurrent requests at
+    different steps, images matching torch within 2/255."""
+    import base64
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from nitrofusion.images import decode_image
+
+    from .helpers import ServerProcess
+
+    srv = ServerProcess("--model", onnx_exports["sd"], "--device", "cpu", env={"NITRO_WARMUP": "false"})
+    try:
+        srv.wait_ready("/readyz")
+        card = httpx.get(srv.url + "/v1/models").json()["data"][0]
+        assert (card["backend"], card["family"]) == ("onnxruntime", "sd")
+        bodies = [{"prompt": "a red cat", "steps": s, "seed": 60 + s, "width": 48, "height": 32} for s in (1, 2, 4)]
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda b: httpx.post(srv.url + "/generate", json=b, timeout=120), bodies))
+        for body, r in zip(bodies, replies):
+            assert r.status_code == 200, r.text
+            got = decode_image(base64.b64decode(r.json()["images"][0]))
+            ref = pipelines["sd"]([GenerationRequest(body["prompt"], body["steps"], body["seed"], 48, 32)])[0]
+            assert _max_diff(got, ref) <= 2
+    finally:
+        out = srv.stop()
+    assert srv.proc.returncode == 0, out
