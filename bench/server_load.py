@@ -29,6 +29,29 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).parent / "nitrofusion")
 
 
+def save_standin_model(path: Path) -> Path:
+    """Random weights in the bundled model's architecture (the shapes recipe): the same compute per request
+    as models/default, for measuring before the trained model exists."""
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.config import recipe
+    from trainer.export import student_scheduler
+    from trainer.models import build_text_encoder, build_tokenizer, build_unet, build_vae
+
+    cfg = recipe("shapes")
+    tok = build_tokenizer(cfg.text.max_length)
+    vae = build_vae(cfg.autoencoder, cfg.data.image_size)
+    factor = 2 ** (len(cfg.autoencoder.block_out_channels) - 1)
+    unet = build_unet(cfg.teacher.unet, cfg.data.image_size // factor, cfg.text.hidden_size,
+                      cfg.autoencoder.latent_channels)
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=build_text_encoder(cfg.text, tok), tokenizer=tok, unet=unet,
+        scheduler=student_scheduler(cfg.nitro.shift), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(path)
+    return path
+
+
 def free_port() -> int:
     import socket
 
@@ -96,6 +119,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="diffusers model folder (default: models/default)")
     ap.add_argument("--tiny", action="store_true", help="use a tiny random SD1.x model (smoke run)")
+    ap.add_argument("--standin", action="store_true",
+                    help="random weights in the bundled model's architecture (before models/default exists)")
     ap.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default max(32, 4 x C))")
@@ -110,6 +135,9 @@ def main() -> None:
 
         tmp = tempfile.TemporaryDirectory()
         model = str(save_tiny_model(Path(tmp.name) / "tiny_sd", "sd"))
+    elif args.standin:
+        tmp = tempfile.TemporaryDirectory()
+        model = str(save_standin_model(Path(tmp.name) / "standin_shapes"))
     else:
         model = args.model or str(ROOT / "models" / "default")
     if args.size is None:
