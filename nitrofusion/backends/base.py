@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +38,29 @@ class Conditioning:
             cat_opt([p.pooled for p in parts]),
             cat_opt([p.time_ids for p in parts]),
         )
+
+
+class PromptCache:
+    """Per-prompt (embeds, pooled) rows, least recently used dropped past `size`."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._rows: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+
+    def get(self, prompts: list[str], encode) -> tuple[torch.Tensor, torch.Tensor | None]:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
+        if missing:
+            emb, pooled = encode(missing)
+            for i, p in enumerate(missing):
+                self._rows[p] = (emb[i : i + 1], None if pooled is None else pooled[i : i + 1])
+        for p in prompts:
+            self._rows.move_to_end(p)
+        parts = [self._rows[p] for p in prompts]
+        while len(self._rows) > self.size:
+            self._rows.popitem(last=False)
+        emb = torch.cat([e for e, _ in parts])
+        pooled = None if parts[0][1] is None else torch.cat([q for _, q in parts])  # type: ignore[misc]
+        return emb, pooled
 
 
 class Backend(Protocol):

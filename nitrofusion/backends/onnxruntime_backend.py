@@ -8,7 +8,6 @@ onnxruntime-gpu and a GPU are present.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -16,34 +15,11 @@ import torch
 
 from ..errors import ModelLoadError, NitroError
 from ..models import LoadedModel
-from .base import Conditioning
+from .base import Conditioning, PromptCache
 from .torch_backend import to_uint8
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
-
-
-class PromptCache:
-    """Per-prompt (embeds, pooled) rows, least recently used dropped past `size`."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._rows: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
-
-    def get(self, prompts: list[str], encode) -> tuple[torch.Tensor, torch.Tensor | None]:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
-        if missing:
-            emb, pooled = encode(missing)
-            for i, p in enumerate(missing):
-                self._rows[p] = (emb[i : i + 1], None if pooled is None else pooled[i : i + 1])
-        for p in prompts:
-            self._rows.move_to_end(p)
-        parts = [self._rows[p] for p in prompts]
-        while len(self._rows) > self.size:
-            self._rows.popitem(last=False)
-        emb = torch.cat([e for e, _ in parts])
-        pooled = None if parts[0][1] is None else torch.cat([q for _, q in parts])  # type: ignore[misc]
-        return emb, pooled
 
 
 def resolve_precision(device: str, dtype: str | None, available: list[str]) -> str:

@@ -15,8 +15,7 @@ import torch
 
 from ..errors import NitroError
 from ..models import LoadedModel
-from .base import Conditioning
-from .onnxruntime_backend import PromptCache
+from .base import Conditioning, PromptCache
 from .torch_backend import to_uint8
 
 log = logging.getLogger(__name__)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import torch
 
 from ..errors import NitroError
 from ..models import LoadedModel
-from .base import Conditioning
+from .base import Conditioning, PromptCache
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -50,8 +48,7 @@ class TorchBackend:
             model.preview_vae.to(self.device, self.vae_dtype)
         self.latent_channels = int(model.unet.config.in_channels)
         self.vae_scale_factor = model.vae_scale_factor
-        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
-        self._text_cache_size = text_cache_size
+        self._text_cache = PromptCache(text_cache_size)
         # Fused Triton kernels (on by default on CUDA) and CUDA graphs (opt-in): kernels/accel.py.
         from kernels.accel import Accelerator
 
@@ -78,23 +75,8 @@ class TorchBackend:
                 embeds.append(out.hidden_states[-2])
         return torch.cat(embeds, dim=-1), pooled
 
-    def _text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            emb, pooled = self._encode_uncached(missing)
-            for i, p in enumerate(missing):
-                self._text_cache[p] = (emb[i : i + 1], None if pooled is None else pooled[i : i + 1])
-        for p in prompts:
-            self._text_cache.move_to_end(p)
-        parts = [self._text_cache[p] for p in prompts]
-        while len(self._text_cache) > self._text_cache_size:
-            self._text_cache.popitem(last=False)
-        emb = torch.cat([e for e, _ in parts])
-        pooled = None if parts[0][1] is None else torch.cat([q for _, q in parts])  # type: ignore[misc]
-        return emb, pooled
-
     def encode_text(self, prompts: list[str], sizes: list[tuple[int, int]]) -> Conditioning:
-        emb, pooled = self._text(prompts)
+        emb, pooled = self._text_cache.get(prompts, self._encode_uncached)
         if self.model.family == "sd":
             return Conditioning(emb)
         # SDXL micro-conditioning: original size + crop (0, 0) + target size, as (height, width).
