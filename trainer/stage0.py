@@ -77,13 +77,7 @@ def train_autoencoder(cfg: TrainConfig, folder: Path, accelerator) -> Path:
                 accelerator.backward(loss)
             logs["rec"] += rec_loss.item() / c.optim.grad_accum
             logs["kl"] += kl.item() / c.optim.grad_accum
-        if c.optim.grad_clip:
-            accelerator.clip_grad_norm_(vae.parameters(), c.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        stage.step += 1
-        stage.log(logs)
-        stage.maybe_checkpoint(c.optim.checkpoint_every)
+        stage.optimizer_step(opt, vae.parameters(), c.optim, logs)
     stage.close()
 
     # Latent scale: 1 / std of the latent means over a fixed batch (as SD's 0.18215 was chosen).
@@ -160,11 +154,7 @@ def train_text(cfg: TrainConfig, folder: Path, accelerator) -> tuple[Path, Path]
                 loss = model(ids, attrs) / c.optim.grad_accum
                 accelerator.backward(loss)
             total += loss.item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        stage.step += 1
-        stage.log({"loss": total})
-        stage.maybe_checkpoint(c.optim.checkpoint_every)
+        stage.optimizer_step(opt, model.parameters(), c.optim, {"loss": total})
     stage.close()
     if accelerator.is_main_process:
         tok.save_pretrained(folder / "tokenizer")

@@ -116,13 +116,7 @@ def train_init(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], tea
                 loss = F.mse_loss(pred.float(), x0) / c.optim.grad_accum
                 accelerator.backward(loss)
             total += loss.item()
-        if c.optim.grad_clip:
-            accelerator.clip_grad_norm_(unet.parameters(), c.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        stage.step += 1
-        stage.log({"loss": total})
-        stage.maybe_checkpoint(c.optim.checkpoint_every)
+        stage.optimizer_step(opt, unet.parameters(), c.optim, {"loss": total})
     stage.close()
     if accelerator.is_main_process:
         accelerator.unwrap_model(unet).save_pretrained(folder / "unet")
