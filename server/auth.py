@@ -13,7 +13,7 @@ from starlette.requests import HTTPConnection
 PROTECTED_PREFIXES = ("/generate", "/v1/", "/ws")
 
 
-def _key_ok(conn: HTTPConnection, keys: tuple[str, ...]) -> bool:
+def key_ok(conn: HTTPConnection, keys: tuple[str, ...]) -> bool:
     auth = conn.headers.get("authorization", "")
     given = auth[7:].strip() if auth.lower().startswith("bearer ") else conn.query_params.get("api_key", "")
     # compare against every key (no short-circuit) so the time taken does not reveal which key matched
@@ -27,8 +27,5 @@ def needs_key(path: str) -> bool:
 
 def authorized(conn: HTTPConnection) -> bool:
     keys = conn.app.state.settings.api_keys
-    return not keys or not needs_key(conn.url.path) or _key_ok(conn, keys)
+    return not keys or not needs_key(conn.url.path) or key_ok(conn, keys)
 
-
-def websocket_authorized(conn: HTTPConnection) -> bool:
-    return authorized(conn)

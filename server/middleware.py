@@ -14,7 +14,7 @@ import uuid
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
-from .auth import _key_ok, needs_key
+from .auth import key_ok, needs_key
 
 access_log = logging.getLogger("nitrofusion.access")
 
@@ -55,7 +55,7 @@ class GuardMiddleware:
             return message
 
         try:
-            if self.api_keys and needs_key(conn.url.path) and not _key_ok(conn, self.api_keys):
+            if self.api_keys and needs_key(conn.url.path) and not key_ok(conn, self.api_keys):
                 await JSONResponse({"detail": "missing or invalid API key"}, 401,
                                    headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_with_id)
                 return

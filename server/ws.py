@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from nitrofusion.engine import Job, Progress
 from nitrofusion.images import encode_image
 
-from .auth import websocket_authorized
+from .auth import authorized
 from .schemas import WsRequest
 from .service import error_response
 
@@ -118,7 +118,7 @@ class Session:
 
 @router.websocket("/ws")
 async def websocket_endpoint(ws: WebSocket):
-    if not websocket_authorized(ws):
+    if not authorized(ws):
         await ws.close(code=1008, reason="missing or invalid API key")
         return
     await ws.accept()

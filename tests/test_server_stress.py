@@ -5,6 +5,7 @@ Timing is made deterministic with NITRO_BATCH_WAIT_MS: an idle engine holds its 
 so requests sent meanwhile are known to be queued (no sleeps decide an assertion).
 """
 
+import json
 import signal
 import threading
 import time
@@ -12,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from .helpers import ServerProcess
 
@@ -116,6 +119,14 @@ def test_api_keys_cors_and_body_limit(start):
     big = {"prompt": "a" * 10_000}
     r = httpx.post(url, json=big, headers={"Authorization": "Bearer k1"})
     assert r.status_code == 413
+    # the websocket takes the key as ?api_key= (browsers cannot set headers on it)
+    ws_url = srv.url.replace("http", "ws") + "/ws"
+    with pytest.raises(InvalidStatus) as refused, connect(ws_url):  # refused before the handshake completes
+        pass
+    assert refused.value.response.status_code == 403
+    with connect(ws_url + "?api_key=k1") as ws:
+        ws.send(json.dumps({"prompt": "a cat", "steps": 1, "seed": 1}))
+        assert json.loads(ws.recv(timeout=60))["type"] == "progress"
     # CORS is closed unless configured: no allow-origin header for a foreign origin
     pre = httpx.options(url, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in pre.headers
