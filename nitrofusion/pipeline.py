@@ -60,7 +60,7 @@ def load_pipeline(model_dir: str | Path | None, unet_file: str | Path | None = N
         if model_dir is None:
             raise NitroError(
                 "no --model given and no bundled default model in this checkout yet: "
-                "pass --model DIR (a local diffusers folder, e.g. SDXL base)"
+                "pass --model DIR, NITRO_MODEL=DIR or `make run MODEL=DIR` (a local diffusers folder, e.g. SDXL base)"
             )
     from .backends.select import load_backend, resolve_backend_name
 
