@@ -44,7 +44,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if settings.warmup:
-            await _warm_up(pipe)  # before the engine thread starts: nobody else touches the model yet
+            await _warm_up(pipe, settings.buckets)  # before the engine thread: nobody else touches the model
         engine.start()
         app.state.ready = True
         log.info("ready: %s (%s, shift %d) on %s", pipe.model.name, pipe.model.family, pipe.shift,
@@ -95,9 +95,14 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     return app
 
 
-async def _warm_up(pipe: Pipeline) -> None:
-    """One 1-step image at the native size: first-call costs are paid before /readyz turns ready."""
+async def _warm_up(pipe: Pipeline, buckets: tuple[int, ...]) -> None:
+    """First-call costs are paid before /readyz turns ready: one 1-step image at the native size, or, with
+    CUDA graphs on, a capture for every batch bucket the engine pads to (kernels/accel.py)."""
     native = pipe.model.native_size
+    accel = getattr(pipe.backend, "accel", None)
+    if accel is not None and accel.active and accel.cuda_graphs:
+        await asyncio.to_thread(accel.warm_up, pipe, [(native, native)], buckets)
+        return
     await asyncio.to_thread(pipe, [GenerationRequest("warm-up", 1, 0, native, native)])
 
 
