@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import ModelLoadError
 from .sampler import DEFAULT_SHIFT
 
@@ -212,7 +210,3 @@ def _check_consistent(model: LoadedModel) -> None:
             f"the UNet takes {model.unet.config.in_channels} latent channels but the VAE makes "
             f"{model.vae.config.latent_channels}"
         )
-
-
-def module_dtype(module: Any) -> torch.dtype:
-    return next(module.parameters()).dtype
