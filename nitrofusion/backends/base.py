@@ -18,6 +18,16 @@ class Conditioning:
     pooled: torch.Tensor | None = None  # (B, P), SDXL only
     time_ids: torch.Tensor | None = None  # (B, 6), SDXL only
 
+    @staticmethod
+    def from_text(embeds: torch.Tensor, pooled: torch.Tensor | None, sizes: list[tuple[int, int]],
+                  family: str) -> Conditioning:
+        """Rows for each (width, height): SD1.x needs the embeddings only; SDXL adds the pooled embedding and
+        its micro-conditioning time ids, original size + crop (0, 0) + target size, as (height, width)."""
+        if family == "sd":
+            return Conditioning(embeds)
+        time_ids = torch.tensor([[h, w, 0, 0, h, w] for (w, h) in sizes], dtype=embeds.dtype, device=embeds.device)
+        return Conditioning(embeds, pooled, time_ids)
+
     def __len__(self) -> int:
         return self.embeds.shape[0]
 

@@ -146,10 +146,7 @@ class OnnxRuntimeBackend:
 
     def encode_text(self, prompts: list[str], sizes: list[tuple[int, int]]) -> Conditioning:
         emb, pooled = self._text_cache.get(prompts, self._encode_uncached)
-        if self.model.family == "sd":
-            return Conditioning(emb)
-        time_ids = torch.tensor([[h, w, 0, 0, h, w] for (w, h) in sizes], dtype=emb.dtype, device=emb.device)
-        return Conditioning(emb, pooled, time_ids)
+        return Conditioning.from_text(emb, pooled, sizes, self.model.family)
 
     # -- denoiser ----------------------------------------------------------------------------------
     def unet(self, latents: torch.Tensor, timesteps: list[int], cond: Conditioning) -> torch.Tensor:

@@ -165,10 +165,7 @@ class TensorRTBackend:
 
     def encode_text(self, prompts: list[str], sizes: list[tuple[int, int]]) -> Conditioning:
         emb, pooled = self._text_cache.get(prompts, self._encode_uncached)
-        if self.model.family == "sd":
-            return Conditioning(emb)
-        time_ids = torch.tensor([[h, w, 0, 0, h, w] for (w, h) in sizes], dtype=torch.float32, device=self.device)
-        return Conditioning(emb, pooled, time_ids)
+        return Conditioning.from_text(emb, pooled, sizes, self.model.family)
 
     def unet(self, latents: torch.Tensor, timesteps: list[int], cond: Conditioning) -> torch.Tensor:
         b, _, h, w = latents.shape

@@ -77,11 +77,7 @@ class TorchBackend:
 
     def encode_text(self, prompts: list[str], sizes: list[tuple[int, int]]) -> Conditioning:
         emb, pooled = self._text_cache.get(prompts, self._encode_uncached)
-        if self.model.family == "sd":
-            return Conditioning(emb)
-        # SDXL micro-conditioning: original size + crop (0, 0) + target size, as (height, width).
-        time_ids = torch.tensor([[h, w, 0, 0, h, w] for (w, h) in sizes], dtype=emb.dtype, device=self.device)
-        return Conditioning(emb, pooled, time_ids)
+        return Conditioning.from_text(emb, pooled, sizes, self.model.family)
 
     # -- denoiser ------------------------------------------------------------------------------
     @torch.inference_mode()
