@@ -47,6 +47,23 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _load_group_elems(x_ptr, r_ptr, e, mask, b, g, base, C, HW, CPG,
+                          CHANNELS_LAST: tl.constexpr, RESIDUAL: tl.constexpr):
+        """x (+ residual) in fp32 for element indices `e` of group g, with their channel and memory index."""
+        if CHANNELS_LAST:
+            c = g * CPG + e % CPG
+            idx = base + (e // CPG) * C + c
+        else:
+            c = g * CPG + e // HW
+            idx = base + g * CPG * HW + e
+        v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL == 1:
+            v += tl.load(r_ptr + b * C + c, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL == 2:
+            v += tl.load(r_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        return v, c, idx
+
+    @triton.jit
     def _gn_stats(x_ptr, r_ptr, part_ptr, C, HW, CPG, GROUP_SIZE, CHUNK, NCHUNK, G,
                   CHANNELS_LAST: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
         bg = tl.program_id(0)  # b * G + g
@@ -62,17 +79,7 @@ if triton is not None:
         for off in range(start, end, BLOCK):
             e = off + tl.arange(0, BLOCK)  # element index inside the group
             mask = e < end
-            if CHANNELS_LAST:
-                c = g * CPG + e % CPG
-                idx = base + (e // CPG) * C + c
-            else:
-                c = g * CPG + e // HW
-                idx = base + g * CPG * HW + e
-            v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-            if RESIDUAL == 1:
-                v += tl.load(r_ptr + b * C + c, mask=mask, other=0.0).to(tl.float32)
-            if RESIDUAL == 2:
-                v += tl.load(r_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            v, _, _ = _load_group_elems(x_ptr, r_ptr, e, mask, b, g, base, C, HW, CPG, CHANNELS_LAST, RESIDUAL)
             # Per-lane Welford update (lanes that see no element keep count 0).
             cnt_new = cnt + mask.to(tl.float32)
             delta = v - mean
@@ -112,17 +119,7 @@ if triton is not None:
         # 2. Normalise, affine, activation for one tile of the group.
         e = tile * BLOCK + tl.arange(0, BLOCK)
         mask = e < GROUP_SIZE
-        if CHANNELS_LAST:
-            c = g * CPG + e % CPG
-            idx = base + (e // CPG) * C + c
-        else:
-            c = g * CPG + e // HW
-            idx = base + g * CPG * HW + e
-        v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        if RESIDUAL == 1:
-            v += tl.load(r_ptr + b * C + c, mask=mask, other=0.0).to(tl.float32)
-        if RESIDUAL == 2:
-            v += tl.load(r_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        v, c, idx = _load_group_elems(x_ptr, r_ptr, e, mask, b, g, base, C, HW, CPG, CHANNELS_LAST, RESIDUAL)
         y = (v - mean) * rstd
         if AFFINE:
             y = y * tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32) \
