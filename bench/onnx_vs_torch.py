@@ -41,7 +41,7 @@ def bench(model_dir: Path, family_note: str, size: int | None, repeats: int, thr
         torch.set_num_threads(threads)
     ort_model, _ = load_exported_model(onnx_dir)
     ort_backend = OnnxRuntimeBackend(ort_model, onnx_dir, device="cpu", threads=threads)
-    torch_pipe = load_pipeline(model_dir, device="cpu")
+    torch_pipe = load_pipeline(model_dir, device="cpu", backend="torch")
     pipes = {"torch": torch_pipe, "onnxruntime": Pipeline(ort_model, ort_backend, torch_pipe.sampler)}
     side = size or pipes["torch"].model.native_size
     rows = []

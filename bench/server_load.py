@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default max(32, 4 x C))")
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--backend", default=None, help="torch (default) or onnxruntime")
+    ap.add_argument("--backend", default="torch", help="torch (default) or onnxruntime")
     ap.add_argument("--write", default=None, help="append the results to this markdown file (BENCHMARKS.md)")
     args = ap.parse_args()
 

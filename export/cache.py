@@ -73,7 +73,9 @@ def ensure_onnx_export(model_dir: str | Path, unet_file: str | Path | None = Non
     if problem is None:
         log.info("using cached ONNX export %s", entry)
         return entry
-    log.warning("exporting %s to ONNX for onnxruntime (%s); cache: %s", model_dir, problem, entry)
+    # Shown by the CLI (warnings) and the server: explains a slow first start, once per model and UNet file.
+    log.warning("exporting %s to ONNX for onnxruntime, once (%s; later loads reuse it; --backend torch needs "
+                "no export); cache: %s", model_dir, problem, entry)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=root))
     try:

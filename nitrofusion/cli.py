@@ -19,7 +19,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--backend", default=None,
-                   help="torch, onnxruntime or tensorrt (default: torch; an export folder picks its own)")
+                   help="torch, onnxruntime or tensorrt (default: onnxruntime on CPU, torch on CUDA; an export "
+                        "folder picks its own). On CPU the first run exports the model to ONNX once, into "
+                        "$NITRO_CACHE_DIR (default ~/.cache/nitrofusion); --backend torch skips that")
 
 
 def build_parser() -> argparse.ArgumentParser:

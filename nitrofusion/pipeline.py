@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from .generation import GenerationRequest, generate
 from .limits import SizeLimits, check_prompt, check_seed, check_size, check_steps
 from .models import LoadedModel, load_model
 from .sampler import LCMSampler
+
+log = logging.getLogger(__name__)
 
 
 def default_model_dir() -> Path | None:
@@ -54,7 +57,9 @@ class Pipeline:
 
 def load_pipeline(model_dir: str | Path | None, unet_file: str | Path | None = None, shift: int | None = None,
                   device: str | None = None, dtype: str | None = None, backend: str | None = None) -> Pipeline:
-    """backend: torch | onnxruntime | tensorrt; None picks torch, or what an export folder was made for."""
+    """backend: torch | onnxruntime | tensorrt. None (auto): what an export folder was made for; else
+    onnxruntime on the CPU (fp32; the first load exports the folder to ONNX into the cache, export/cache.py),
+    torch on CUDA (see backends/select.py: resolve_backend_name)."""
     if model_dir is None:
         model_dir = default_model_dir()
         if model_dir is None:
@@ -64,10 +69,22 @@ def load_pipeline(model_dir: str | Path | None, unet_file: str | Path | None = N
             )
     from .backends.select import load_backend, resolve_backend_name
 
-    name = resolve_backend_name(backend, model_dir)
+    name = resolve_backend_name(backend, model_dir, device, dtype)
     if name != "torch":
-        model, runtime = load_backend(name, model_dir, unet_file, shift, device, dtype)
-        return Pipeline(model, runtime, LCMSampler.from_scheduler_config(model.scheduler_config))
+        from export.manifest import is_export_dir
+        from export.verify import ExportVerificationError
+
+        try:
+            model, runtime = load_backend(name, model_dir, unet_file, shift, device, dtype)
+        except (OSError, ExportVerificationError) as e:
+            if backend is not None or is_export_dir(model_dir):
+                raise
+            # Auto picked onnxruntime for a diffusers folder, but its export cannot be written (read-only
+            # home, full disk) or does not match torch: torch runs the folder as it is, so use it.
+            log.warning("onnxruntime unavailable for %s (%s: %s); using torch (set NITRO_CACHE_DIR to a writable "
+                        "folder, or pass --backend torch)", model_dir, type(e).__name__, e)
+        else:
+            return Pipeline(model, runtime, LCMSampler.from_scheduler_config(model.scheduler_config))
     resolve_device_dtype(device, dtype)  # a bad device or dtype fails before the (slow) model load
     model = load_model(model_dir, unet_file=unet_file, shift=shift)
     backend = TorchBackend(model, device=device, dtype=dtype)

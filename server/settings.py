@@ -25,7 +25,9 @@ class ServerSettings(BaseSettings):
     shift: int | None = None
     device: str | None = None
     dtype: str | None = None
-    backend: str | None = None  # torch | onnxruntime | tensorrt; None: torch, or what an export folder holds
+    # torch | onnxruntime | tensorrt. None (default): onnxruntime on CPU, torch on CUDA; an export folder picks
+    # its own. On CPU the first start exports the model to ONNX once, into NITRO_CACHE_DIR (export/cache.py).
+    backend: str | None = None
     # network
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -21,6 +21,21 @@ from nitrofusion.tiny import save_tiny_model  # noqa: E402
 FAMILIES = ["sdxl", "sd"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nitro_cache_dir(tmp_path_factory):
+    """NITRO_CACHE_DIR for the whole session, set before any other fixture: the ONNX exports that the CPU
+    default backend (onnxruntime) makes on first use go here, never to ~/.cache. Processes started by
+    tests/helpers.py inherit it, so a server or CLI run reuses what an earlier test exported."""
+    path = tmp_path_factory.mktemp("nitro-cache")
+    old = os.environ.get("NITRO_CACHE_DIR")
+    os.environ["NITRO_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("NITRO_CACHE_DIR", None)
+    else:
+        os.environ["NITRO_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -39,8 +54,9 @@ def tiny_sd_dir(tiny_dirs):
 
 @pytest.fixture(scope="session")
 def pipelines(tiny_dirs):
-    """One loaded CPU pipeline per family, shared by tests that only read from it."""
-    return {fam: load_pipeline(path, device="cpu") for fam, path in tiny_dirs.items()}
+    """One loaded CPU torch pipeline per family (the reference the other backends are compared with), shared by
+    tests that only read from it."""
+    return {fam: load_pipeline(path, device="cpu", backend="torch") for fam, path in tiny_dirs.items()}
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +76,10 @@ def onnx_exports(tiny_dirs, tmp_path_factory):
 def ort_pipelines(onnx_exports):
     """An ONNX Runtime (CPU) pipeline per family, loaded from the export folders (backend auto-detected)."""
     return {fam: load_pipeline(path, device="cpu") for fam, path in onnx_exports.items()}
+
+
+@pytest.fixture(scope="session")
+def auto_pipelines(tiny_dirs, nitro_cache_dir):
+    """The CPU default per family: no backend given on a diffusers folder, so onnxruntime, exported on first
+    use into the session's NITRO_CACHE_DIR (fp32)."""
+    return {fam: load_pipeline(path, device="cpu") for fam, path in tiny_dirs.items()}

@@ -1,4 +1,7 @@
-"""Running the real `nitrofusion` console script, and a real server process, from tests."""
+"""Running the real `nitrofusion` console script, and a real server process, from tests.
+
+Both inherit the environment, so NITRO_CACHE_DIR is the session's temporary cache (tests/conftest.py): on the
+CPU the default backend (onnxruntime) exports a model on first use, and that export never goes to ~/.cache."""
 
 from __future__ import annotations
 
@@ -14,8 +17,13 @@ import httpx
 CLI = str(Path(sys.executable).parent / "nitrofusion")
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+def _env(extra: dict | None) -> dict:
+    assert os.environ.get("NITRO_CACHE_DIR"), "tests/conftest.py sets NITRO_CACHE_DIR for the session"
+    return {**os.environ, **(extra or {})}
+
+
+def run_cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=_env(env))
 
 
 def free_port() -> int:
@@ -33,7 +41,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [CLI, "serve", "--host", "127.0.0.1", "--port", str(self.port), *map(str, args)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **(env or {})},
+            env=_env(env),
         )
 
     def wait_ready(self, path: str = "/healthz", timeout: float = 120) -> None:

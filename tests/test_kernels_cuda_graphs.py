@@ -178,7 +178,7 @@ def test_backend_routes_through_graph_caches(tiny_sdxl_dir):
 def test_warm_up_captures_every_size_and_bucket(tiny_sdxl_dir):
     from nitrofusion.pipeline import load_pipeline
 
-    pipe = load_pipeline(tiny_sdxl_dir, device="cpu")
+    pipe = load_pipeline(tiny_sdxl_dir, device="cpu", backend="torch")
     pipe.backend.accel.build_graphs((1, 2), FakeCapturer())
     assert pipe.backend.accel.warm_up(pipe, [(32, 32), (16, 24)]) == 4
     assert pipe.backend.accel.unet_graphs.summary()["graphs"] == 4

@@ -43,8 +43,8 @@ def test_unet_file_is_swapped_in(tiny_sdxl_dir, tmp_path):
     other = tiny_unet("sdxl")  # same architecture, other random weights
     f = tmp_path / "other_unet.safetensors"
     save_file(other.state_dict(), str(f))
-    base = load_pipeline(tiny_sdxl_dir, device="cpu")
-    swapped = load_pipeline(tiny_sdxl_dir, unet_file=f, device="cpu")
+    base = load_pipeline(tiny_sdxl_dir, device="cpu", backend="torch")
+    swapped = load_pipeline(tiny_sdxl_dir, unet_file=f, device="cpu", backend="torch")
     for k, v in other.state_dict().items():
         assert np.array_equal(swapped.model.unet.state_dict()[k].numpy(), v.numpy())
     req = [GenerationRequest("a red circle", 1, 3, 32, 32)]

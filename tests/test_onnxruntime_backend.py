@@ -1,5 +1,6 @@
 """The ONNX Runtime backend is a drop-in for the torch backend: same seeds give the same images (within
-2/255, CPU fp32) for both families, 1 and 4 steps, and a batch whose rows are at different steps."""
+2/255, CPU fp32) for both families, 1 and 4 steps, and a batch whose rows are at different steps. It is the
+CPU default: no backend on a diffusers folder exports it into the cache and runs it with onnxruntime."""
 
 import numpy as np
 import pytest
@@ -16,13 +17,22 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
+@pytest.mark.parametrize("source", ["export folder", "cpu default"])
 @pytest.mark.parametrize("family", ["sdxl", "sd"])
 @pytest.mark.parametrize("steps", [1, 4])
-def test_parity_with_torch(pipelines, ort_pipelines, family, steps):
-    assert ort_pipelines[family].backend.name == "onnxruntime"
+def test_parity_with_torch(request, pipelines, source, family, steps):
+    """An export folder (backend from its manifest), and a diffusers folder with no backend on the CPU
+    (onnxruntime on an export made on first use in NITRO_CACHE_DIR), against backend="torch"."""
+    if source == "export folder":
+        pipe = request.getfixturevalue("ort_pipelines")[family]
+    else:
+        pipe = request.getfixturevalue("auto_pipelines")[family]
+        cache = request.getfixturevalue("nitro_cache_dir")
+        assert pipe.backend.root.parent == cache / "onnx"  # the session's cache, never ~/.cache
+    assert pipe.backend.name == "onnxruntime" and pipelines[family].backend.name == "torch"
     for seed, (w, h) in ((1234, (64, 48)), (7, (32, 32))):  # a non-native, non-square size too
         req = GenerationRequest(PROMPT, steps, seed=seed, width=w, height=h)
-        ours = ort_pipelines[family]([req])[0]
+        ours = pipe([req])[0]
         ref = pipelines[family]([req])[0]
         assert ours.shape == (h, w, 3)
         assert _max_diff(ours, ref) <= 2
@@ -77,6 +87,51 @@ def test_export_folder_refuses_torch_and_unet(onnx_exports, tmp_path):
         load_pipeline(onnx_exports["sd"], backend="torch")
     with pytest.raises(NitroError, match="--unet cannot be swapped"):
         load_pipeline(onnx_exports["sd"], unet_file=tmp_path / "u.safetensors")
+
+
+def test_default_backend_is_onnxruntime_on_the_cpu_only(tiny_sd_dir, onnx_exports, monkeypatch):
+    import torch
+
+    from nitrofusion.backends import select
+    from nitrofusion.backends.select import resolve_backend_name
+
+    assert resolve_backend_name(None, tiny_sd_dir, device="cpu") == "onnxruntime"
+    assert resolve_backend_name(None, tiny_sd_dir, device="cpu", dtype="float32") == "onnxruntime"
+    assert resolve_backend_name(None, tiny_sd_dir, device="cuda") == "torch"
+    assert resolve_backend_name("torch", tiny_sd_dir, device="cpu") == "torch"  # asked for: never overridden
+    assert resolve_backend_name("onnxruntime", tiny_sd_dir, device="cuda") == "onnxruntime"
+    for device in ("cpu", "cuda", None):  # an export folder picks its own backend wherever it runs
+        assert resolve_backend_name(None, onnx_exports["sd"], device=device) == "onnxruntime"
+    # ORT has fp32 graphs only on the CPU: other dtypes go to torch, which runs bfloat16 or says what is wrong
+    assert resolve_backend_name(None, tiny_sd_dir, device="cpu", dtype="bfloat16") == "torch"
+    assert resolve_backend_name(None, tiny_sd_dir, device="cpu", dtype="float16") == "torch"
+    # no --device: the CPU when there is no CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_backend_name(None, tiny_sd_dir) == "onnxruntime"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_backend_name(None, tiny_sd_dir) == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # without onnxruntime (or onnx, which the export needs) installed: torch
+    assert select.onnxruntime_available() is True  # this environment has both
+    monkeypatch.setattr(select, "onnxruntime_available", lambda: False)
+    assert resolve_backend_name(None, tiny_sd_dir, device="cpu") == "torch"
+
+
+def test_default_falls_back_to_torch_for_bfloat16_and_an_unwritable_cache(tiny_sd_dir, tmp_path, monkeypatch,
+                                                                          caplog):
+    pipe = load_pipeline(tiny_sd_dir, device="cpu", dtype="bfloat16")
+    assert pipe.backend.name == "torch"
+    with pytest.raises(NitroError, match="float16 is not supported on the CPU"):  # torch's own message
+        load_pipeline(tiny_sd_dir, device="cpu", dtype="float16")
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("NITRO_CACHE_DIR", str(not_a_folder))
+    with caplog.at_level("WARNING"):
+        pipe = load_pipeline(tiny_sd_dir, device="cpu")
+    assert pipe.backend.name == "torch"
+    assert any("using torch" in r.getMessage() and "NITRO_CACHE_DIR" in r.getMessage() for r in caplog.records)
+    with pytest.raises(OSError):  # asked for by name: no silent switch
+        load_pipeline(tiny_sd_dir, device="cpu", backend="onnxruntime")
 
 
 def test_precision_choice():

@@ -15,7 +15,7 @@ def _x0_after_one_step(pipe):
 
 
 def test_preview_uses_the_tiny_decoder_when_present(tmp_path):
-    pipe = load_pipeline(save_tiny_model(tmp_path / "m", "sd", preview=True), device="cpu")
+    pipe = load_pipeline(save_tiny_model(tmp_path / "m", "sd", preview=True), device="cpu", backend="torch")
     assert pipe.model.preview_vae is not None
     x0 = _x0_after_one_step(pipe)
     preview, full = pipe.backend.preview(x0), pipe.backend.decode(x0)

@@ -1,4 +1,6 @@
-"""The HTTP API end to end against a real `nitrofusion serve` (uvicorn) process."""
+"""The HTTP API end to end against a real `nitrofusion serve` (uvicorn) process, on the CPU default backend
+(onnxruntime, exported on first start into the session's NITRO_CACHE_DIR): its images are the library's
+(`load_pipeline` with no backend either). tests/test_server_ws.py serves the torch backend."""
 
 import base64
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +38,7 @@ def test_models_endpoint_describes_the_model(server):
     assert card["family"] == "sdxl"
     assert (card["native_size"], card["min_size"], card["max_size"]) == (32, 8, 64)
     assert (card["min_steps"], card["max_steps"], card["shift"]) == (1, 4, 250)
-    assert (card["backend"], card["device"]) == ("torch", "cpu")
+    assert (card["backend"], card["device"]) == ("onnxruntime", "cpu")  # the CPU default
 
 
 def test_num_images_use_consecutive_seeds(server):
@@ -61,7 +63,7 @@ def test_output_formats(server, fmt, magic):
     assert raw.headers["content-type"] == f"image/{fmt}" and raw.content.startswith(magic)
 
 
-def test_openai_client_works_against_us(server, pipelines):
+def test_openai_client_works_against_us(server, auto_pipelines):
     import openai
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
@@ -69,7 +71,7 @@ def test_openai_client_works_against_us(server, pipelines):
                                     extra_body={"steps": 3, "seed": 5})
     assert len(result.data) == 2
     images = [decode_image(base64.b64decode(d.b64_json)) for d in result.data]
-    expected = pipelines["sdxl"]([GenerationRequest("a red circle", 3, s, 64, 48) for s in (5, 6)])
+    expected = auto_pipelines["sdxl"]([GenerationRequest("a red circle", 3, s, 64, 48) for s in (5, 6)])
     for got, exp in zip(images, expected):
         assert np.abs(got.astype(int) - exp.astype(int)).max() <= 1
     with pytest.raises(openai.UnprocessableEntityError) as err:
@@ -94,13 +96,13 @@ def _metric(server, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
-def test_generate_json_matches_library(server, pipelines):
+def test_generate_json_matches_library(server, auto_pipelines):
     r = _post(server, {"prompt": "a red circle", "steps": 3, "seed": 9, "width": 64, "height": 48})
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["seed"], body["steps"], body["width"], body["height"]) == (9, 3, 64, 48)
     image = decode_image(base64.b64decode(body["images"][0]))
-    expected = pipelines["sdxl"]([GenerationRequest("a red circle", 3, 9, 64, 48)])[0]
+    expected = auto_pipelines["sdxl"]([GenerationRequest("a red circle", 3, 9, 64, 48)])[0]
     assert np.array_equal(image, expected)
 
 
@@ -153,13 +155,13 @@ def test_malformed_json_is_422_and_server_survives(server):
     assert httpx.get(server.url + "/healthz").status_code == 200
 
 
-def test_concurrent_requests_each_get_their_own_image(server, pipelines):
+def test_concurrent_requests_each_get_their_own_image(server, auto_pipelines):
     reqs = [GenerationRequest(p, s, seed, 64, 48) for p, s, seed in
             [("a red circle", 1, 1), ("a blue square", 4, 2), ("a dog", 2, 3), ("a red circle", 3, 4)]]
     with ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(lambda q: _post(server, {"prompt": q.prompt, "steps": q.steps, "seed": q.seed,
                                                            "width": 64, "height": 48}), reqs))
-    expected = pipelines["sdxl"](reqs)
+    expected = auto_pipelines["sdxl"](reqs)
     for r, exp in zip(responses, expected):
         assert r.status_code == 200
         got = decode_image(base64.b64decode(r.json()["images"][0]))

@@ -14,7 +14,8 @@ from .helpers import ServerProcess
 
 @pytest.fixture(scope="module")
 def server(tiny_sdxl_dir):
-    srv = ServerProcess("--model", tiny_sdxl_dir, "--device", "cpu")
+    # the torch backend behind the server (tests/test_server.py serves the CPU default, onnxruntime)
+    srv = ServerProcess("--model", tiny_sdxl_dir, "--device", "cpu", "--backend", "torch")
     srv.wait_ready("/readyz")
     yield srv
     srv.stop()
