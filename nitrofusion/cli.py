@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     from trainer.cli import add_arguments as _train_args  # argparse only: the trainer's heavy imports stay lazy
 
     _train_args(train)
+
+    ev = sub.add_parser("eval", help="measure a trained shapes student: alignment, shapes-FID, ablations -> EVAL.md")
+    from trainer.cli import add_eval_arguments as _eval_args
+
+    _eval_args(ev)
     return parser
 
 
@@ -130,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.cli import train_command  # lazy: torch/diffusers load only when training
 
             return train_command(args)
+        if args.command == "eval":
+            from trainer.cli import eval_command
+
+            return eval_command(args)
         return {"generate": cmd_generate, "export": cmd_export, "serve": cmd_serve}[args.command](args)
     except InvalidRequest as e:
         print(f"nitrofusion {args.command}: error: --{e.field}: {e.reason}", file=sys.stderr)

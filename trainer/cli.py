@@ -69,3 +69,52 @@ def train_command(args: argparse.Namespace) -> int:
 
     run(cfg, work, out, args.stage)
     return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--work", default=str(REPO / "outputs" / "shapes"), metavar="DIR",
+                   help="the training work folder (default: outputs/shapes); its config is read from there")
+    p.add_argument("--model", default=str(REPO / "models" / "default"), metavar="DIR",
+                   help="the exported student folder the student rows run through (default: models/default)")
+    p.add_argument("--images", type=int, default=2000, help="images per row, also per FID side (default 2000)")
+    p.add_argument("--no-ablations", dest="ablations", action="store_false",
+                   help="skip the 1-step ablation rows (each trains a stage-3 variant first)")
+    p.add_argument("--out", default=str(REPO / "EVAL.md"), metavar="FILE", help="the report (default EVAL.md)")
+    p.add_argument("--assets", default=None, metavar="DIR",
+                   help="folder for the PNGs (default: eval/ beside --out)")
+    p.add_argument("--train-features", action="store_true",
+                   help="retrain the frozen shapes-FID feature CNN (trainer/assets/) before evaluating")
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from nitrofusion.errors import NitroError
+
+    work = Path(args.work)
+    cfg_file = next((work / s / "train_config.json" for s in ("nitro", "init", "teacher")
+                     if (work / s / "train_config.json").is_file()), None)
+    if args.images < 2:
+        raise NitroError("--images must be at least 2 (FID needs a covariance)")
+    if cfg_file is None and not args.train_features:
+        raise NitroError(f"{work} holds no trained stages: run `nitrofusion train --recipe shapes` first")
+    from nitrofusion.models import quiet_libraries
+
+    quiet_libraries()
+    if args.train_features:
+        from .features import train_feature_net
+
+        train_feature_net()
+        if cfg_file is None:
+            return 0
+    from .evaluate import evaluate, write_markdown
+
+    cfg = TrainConfig.load(cfg_file)
+    out = Path(args.out)
+    assets = Path(args.assets) if args.assets else out.parent / "eval"
+    if not (Path(args.model) / "model_index.json").is_file():
+        raise NitroError(f"{args.model} is not an exported student: run the trainer's export stage first")
+    results = evaluate(cfg, work, Path(args.model), args.images, args.ablations, assets)
+    command = " ".join(["nitrofusion eval", *sys.argv[2:]]) if sys.argv[1:2] == ["eval"] else "nitrofusion eval"
+    write_markdown(results, out, assets, command, cfg)
+    print(f"wrote {out} and {assets}/")
+    return 0
+

@@ -23,6 +23,8 @@ from .models import alphas_cumprod, count_params
 from .stage1 import load_frozen
 from .stage2 import cache_batch, load_cache
 
+PHASE1_DIR = "unet_phase1"  # snapshot of the student when phase 1 (one-step training) ends
+
 
 def student_x0(student, sampler: LCMSampler, noise: torch.Tensor, emb: torch.Tensor, steps: int, shift: int,
                gen: torch.Generator, no_grad_model=None) -> torch.Tensor:
@@ -137,6 +139,9 @@ def train_nitro(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], te
         stage.extra_state["last_refreshed"] = refreshed
         stage.log({"loss_g": loss_g.item(), "loss_d": loss_d.item(), "t_star": t_star, "steps": steps,
                    "heads": len(heads), "refreshed": len(refreshed)})
+        if stage.step == c.phase_steps[0] and len(c.phase_steps) > 1 and accelerator.is_main_process:
+            # The one-step student before bottom-up refinement: what the 1-step ablations compare against.
+            raw_student.save_pretrained(folder / PHASE1_DIR)
         stage.maybe_checkpoint(c.optim.checkpoint_every)
     stage.close()
     if accelerator.is_main_process:

@@ -1,0 +1,360 @@
+"""`nitrofusion eval`: prompt alignment and shapes-FID for the teacher, the one-step init, NitroFusion at 1-4
+steps, held-out prompts, and the 1-step ablations; writes EVAL.md with sample grids and loss curves.
+
+Every row uses the same prompts and the same initial noise (fixed seeds), so rows differ only by the model and
+the sampler. Rows are cached as JSON under <work>/eval/, so a rerun only computes what is missing (or changed:
+the cache key holds the row's definition and image count).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import TrainConfig, apply_overrides
+from .detector import detect
+from .features import extract, frechet_distance, load_feature_net
+from .shapes import Attributes, ShapesDataset
+
+EVAL_OFFSET = 3 * 10**8  # dataset indices of eval prompts: disjoint from every training stream
+REAL_OFFSET = 4 * 10**8  # dataset images of the FID reference side: other indices than the prompts'
+SEED0 = 10**6  # image i of every row starts from the noise of seed SEED0 + i
+ATTRS = ("background", "colour", "shape", "position", "size", "fill")
+
+# 1-step ablations (paper Sec. 3.2 design choices), each a stage-3 run of phase 1 only from the same init.
+ABLATIONS: dict[str, list[str]] = {
+    "single head": ["nitro.pool.single_head=true"],
+    "pool without refresh": ["nitro.pool.refresh_fraction=0"],
+    "global heads only": ['nitro.pool.tasks=["global_cond"]'],
+    "conditional heads only": ['nitro.pool.tasks=["global_cond","local_cond"]'],
+}
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # teacher | student
+    unet: str  # folder, relative to the work dir
+    steps: int
+    split: str = "train"  # prompts from the training combinations or the held-out ones
+    group: str = "main"  # main | heldout | ablation
+
+    @property
+    def slug(self) -> str:
+        return slug(self.name)
+
+
+@dataclass
+class Result:
+    row: Row
+    images: int
+    alignment: float
+    per_attribute: dict[str, float]
+    fid: float
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def default_rows(cfg: TrainConfig, work: Path, ablations: bool) -> list[Row]:
+    from .stage3 import PHASE1_DIR
+
+    t = cfg.teacher.sample_steps
+    rows = [Row(f"teacher ({t} steps, guidance {cfg.teacher.guidance_scale:g})", "teacher", "teacher/unet", t),
+            Row("one-step init", "student", "init/unet", 1)]
+    rows += [Row(f"NitroFusion {k} step{'s' if k > 1 else ''}", "student", "nitro/unet", k) for k in (1, 2, 3, 4)]
+    rows += [Row(f"held-out: teacher ({t} steps)", "teacher", "teacher/unet", t, "heldout", "heldout"),
+             Row("held-out: one-step init", "student", "init/unet", 1, "heldout", "heldout"),
+             Row("held-out: NitroFusion 1 step", "student", "nitro/unet", 1, "heldout", "heldout"),
+             Row("held-out: NitroFusion 4 steps", "student", "nitro/unet", 4, "heldout", "heldout")]
+    if ablations:
+        rows.append(Row("full pool, phase 1 only (reference)", "student", f"nitro/{PHASE1_DIR}", 1,
+                        group="ablation"))
+        rows += [Row(name, "student", f"ablations/{slug(name)}/unet", 1, group="ablation") for name in ABLATIONS]
+    return rows
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def eval_set(cfg: TrainConfig, split: str, n: int) -> tuple[list[str], list[Attributes], torch.Tensor]:
+    """Prompts, their attributes and one fixed noise tensor per image (seeded by the image's index)."""
+    data = ShapesDataset(cfg.data.image_size, cfg.data.seed, split, cfg.data.heldout_fraction)
+    attrs = [data.attributes(EVAL_OFFSET + i)[0] for i in range(n)]
+    from .shapes import prompt
+
+    latent = cfg.data.image_size // 8
+    noise = torch.stack([torch.randn((cfg.autoencoder.latent_channels, latent, latent),
+                                     generator=torch.Generator().manual_seed(SEED0 + i)) for i in range(n)])
+    return [prompt(a) for a in attrs], attrs, noise
+
+
+def real_images(cfg: TrainConfig, split: str, n: int) -> np.ndarray:
+    data = ShapesDataset(cfg.data.image_size, cfg.data.seed, split, cfg.data.heldout_fraction)
+    return np.stack([data[REAL_OFFSET + i][0] for i in range(n)])
+
+
+@torch.no_grad()
+def generate(row: Row, cfg: TrainConfig, work: Path, model_dir: Path, frozen: dict, prompts: list[str],
+             noise: torch.Tensor, batch: int = 200) -> np.ndarray:
+    """(N, H, W, 3) uint8 images for one row.
+
+    Students run through the inference pipeline itself (`nitrofusion.pipeline`, the exported model with the
+    row's UNet swapped in), so image i is exactly `nitrofusion generate --backend torch --seed SEED0+i --steps k`. The teacher
+    runs the trainer's DPM-Solver++ with classifier-free guidance from the same initial noise."""
+    if row.kind == "student":
+        from nitrofusion.generation import GenerationRequest
+        from nitrofusion.pipeline import load_pipeline
+
+        pipe = load_pipeline(model_dir, work / row.unet / "diffusion_pytorch_model.safetensors", device="cpu",
+                             backend="torch")
+        side = cfg.data.image_size
+        reqs = [GenerationRequest(p, row.steps, SEED0 + i, side, side) for i, p in enumerate(prompts)]
+        return np.stack([im for start in range(0, len(reqs), batch) for im in pipe(reqs[start:start + batch])])
+
+    from diffusers import UNet2DConditionModel
+
+    from .stage1 import decode_latents, sample_teacher
+
+    unet = UNet2DConditionModel.from_pretrained(work / row.unet).eval().requires_grad_(False)
+    out = []
+    for start in range(0, len(prompts), batch):
+        x0 = sample_teacher(unet, frozen["text"], prompts[start:start + batch], noise[start:start + batch],
+                            row.steps, cfg.teacher.guidance_scale)
+        img = decode_latents(frozen["vae"], x0)
+        out.append(((img.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+    return np.concatenate(out)
+
+
+def alignment(images: np.ndarray, attrs: list[Attributes]) -> tuple[float, dict[str, float]]:
+    hits = {k: 0 for k in (*ATTRS, "all")}
+    for im, a in zip(images, attrs):
+        for k, ok in detect(im).matches(a).items():
+            hits[k] += bool(ok)
+    n = max(1, len(attrs))
+    return hits["all"] / n, {k: hits[k] / n for k in ATTRS}
+
+
+def train_ablations(cfg: TrainConfig, work: Path, log=print) -> None:
+    """Each ablation: stage 3 for phase 1 only (as many iterations as the main run's phase 1), from the same
+    init and seeds, into <work>/ablations/<name>/. Resumable like every stage."""
+    from .loop import make_accelerator
+    from .recipe import frozen_dirs, stage_dirs
+    from .stage3 import train_nitro
+
+    acc = make_accelerator(cfg.run)
+    d = stage_dirs(work)
+    for name, overrides in ABLATIONS.items():
+        folder = work / "ablations" / slug(name)
+        if (folder / "unet").is_dir():
+            continue
+        log(f"[eval] training ablation: {name} ({', '.join(overrides)})")
+        sub = apply_overrides(cfg, [*overrides, f"nitro.phase_steps=[{cfg.nitro.phase_steps[0]}]"])
+        train_nitro(sub, folder, frozen_dirs(work), d["teacher"] / "unet", d["init"] / "unet", d["cache"], acc)
+
+
+def evaluate(cfg: TrainConfig, work: Path, model_dir: Path, n: int, ablations: bool, assets: Path,
+             log=print) -> list[Result]:
+    from .stage1 import load_frozen
+
+    work = Path(work)
+    if ablations:
+        train_ablations(cfg, work, log)
+    frozen = load_frozen({"vae": work / "autoencoder" / "vae", "tokenizer": work / "text" / "tokenizer",
+                          "text_encoder": work / "text" / "text_encoder"}, "cpu")
+    net = load_feature_net()
+    cache_dir = work / "eval"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    sets: dict[str, tuple] = {}
+    real_feats: dict[str, np.ndarray] = {}
+    grids: dict[str, np.ndarray] = {}
+    results = []
+    for row in default_rows(cfg, work, ablations):
+        if not (work / row.unet).is_dir():
+            log(f"[eval] skipping {row.name}: {work / row.unet} does not exist")
+            continue
+        if row.split not in sets:
+            sets[row.split] = eval_set(cfg, row.split, n)
+            real_feats[row.split] = extract(net, real_images(cfg, row.split, n))
+        prompts, attrs, noise = sets[row.split]
+        key = {"row": asdict(row), "images": n, "unet_mtime": (work / row.unet).stat().st_mtime}
+        cached = cache_dir / f"{row.slug}.json"
+        grid_file = cache_dir / f"{row.slug}.npy"
+        if cached.is_file() and grid_file.is_file() and json.loads(cached.read_text()).get("key") == key:
+            r = json.loads(cached.read_text())["result"]
+            results.append(Result(row=row, **{k: v for k, v in r.items() if k != "row"}))
+            grids[row.slug] = np.load(grid_file)
+            log(f"[eval] {row.name}: cached")
+            continue
+        t0 = time.monotonic()
+        images = generate(row, cfg, work, Path(model_dir), frozen, prompts, noise)
+        align, per = alignment(images, attrs)
+        fid = frechet_distance(extract(net, images), real_feats[row.split])
+        res = Result(row, n, align, per, fid, round(time.monotonic() - t0, 1))
+        cached.write_text(json.dumps({"key": key, "result": asdict(res)}, indent=1) + "\n")
+        np.save(grid_file, images[:32])
+        grids[row.slug] = images[:32]
+        results.append(res)
+        log(f"[eval] {row.name}: alignment {align:.3f}, FID {fid:.2f} ({res.seconds:.0f} s)")
+    # The floor: FID between two independent sets of dataset images (the eval prompts' own images vs the
+    # reference side); their alignment is the detector's accuracy on real images.
+    data = ShapesDataset(cfg.data.image_size, cfg.data.seed, "train", cfg.data.heldout_fraction)
+    data_imgs = np.stack([data[EVAL_OFFSET + i][0] for i in range(n)])
+    if "train" not in real_feats:
+        sets["train"] = eval_set(cfg, "train", n)
+        real_feats["train"] = extract(net, real_images(cfg, "train", n))
+    align, per = alignment(data_imgs, sets["train"][1])
+    floor = frechet_distance(extract(net, data_imgs), real_feats["train"])
+    results.insert(0, Result(Row("dataset images (FID floor)", "data", "", 0), n, align, per, floor, 0.0))
+    grids["dataset"] = data_imgs[:32]
+    write_pictures(results, grids, assets, work)
+    return results
+
+
+def write_pictures(results: list[Result], grids: dict[str, np.ndarray], assets: Path, work: Path) -> None:
+    """assets/samples_<row>.png (4 x 8, first 32 eval seeds), assets/compare.png (a row per model, the same 8
+    prompts and seeds), assets/loss_curves.png."""
+    from PIL import Image, ImageDraw
+
+    assets.mkdir(parents=True, exist_ok=True)
+    scale = 2  # 64-pixel images are small on a screen; nearest-neighbour keeps pixels honest
+
+    def tile(images: np.ndarray, cols: int) -> Image.Image:
+        h, w = images.shape[1:3]
+        rows = -(-len(images) // cols)
+        canvas = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+        for i, im in enumerate(images):
+            r, c = divmod(i, cols)
+            canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = im
+        img = Image.fromarray(canvas)
+        return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+    for res in results:
+        key = "dataset" if res.row.kind == "data" else res.row.slug
+        if key in grids:
+            tile(grids[key], 8).save(assets / f"samples_{key}.png")
+    main = [r for r in results if r.row.group in ("main",) or r.row.kind == "data"]
+    main += [r for r in results if r.row.group == "ablation"]
+    label_w = 300
+    strips = []
+    for r in main:
+        key = "dataset" if r.row.kind == "data" else r.row.slug
+        strip = tile(grids[key][:8], 8)
+        canvas = Image.new("RGB", (label_w + strip.width, strip.height), "white")
+        canvas.paste(strip, (label_w, 0))
+        ImageDraw.Draw(canvas).text((6, strip.height // 2 - 6), r.row.name, fill="black")
+        strips.append(canvas)
+    if strips:
+        out = Image.new("RGB", (strips[0].width, sum(s.height for s in strips)), "white")
+        y = 0
+        for s in strips:
+            out.paste(s, (0, y))
+            y += s.height
+        out.save(assets / "compare.png")
+    plot_losses(work, assets / "loss_curves.png")
+
+
+def plot_losses(work: Path, path: Path) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("autoencoder", ["rec"]), ("teacher", ["loss"]), ("init", ["loss"]), ("nitro", ["loss_g", "loss_d"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (stage, keys) in zip(axes, panels):
+        f = work / stage / "metrics.csv"
+        if not f.is_file():
+            ax.set_title(f"{stage} (no metrics)")
+            continue
+        rows = list(csv.DictReader(f.open()))
+        steps = np.array([float(r["step"]) for r in rows])
+        for k in keys:
+            vals = np.array([float(r[k]) for r in rows])
+            win = max(1, len(vals) // 40)  # light smoothing: raw per-step GAN losses are mostly noise
+            smooth = np.convolve(vals, np.ones(win) / win, mode="valid")
+            ax.plot(steps, vals, alpha=0.25, lw=0.8)
+            ax.plot(steps[win - 1:], smooth, label=k)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        if stage in ("autoencoder", "teacher", "init"):
+            ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_markdown(results: list[Result], path: Path, assets: Path, command: str, cfg: TrainConfig) -> None:
+    rel = Path(assets).relative_to(Path(path).parent) if Path(assets).is_relative_to(Path(path).parent) else assets
+    by_name = {r.row.name: r for r in results}
+    teacher = next((r for r in results if r.row.kind == "teacher" and r.row.group == "main"), None)
+    lines = [
+        "# Measured quality of the bundled model (`shapes` recipe)",
+        "",
+        (f"Made by `{command}` on {time.strftime('%Y-%m-%d')}. {results[0].images} images per row, the same "
+        "prompts and seeds in every row. Images are "
+        f"{cfg.data.image_size}x{cfg.data.image_size}."),
+        "",
+        ("- **alignment**: share of images whose background colour, object colour, shape and position all match "
+        "the prompt, read back by the deterministic detector `trainer/detector.py`; then each attribute alone."),
+        ("- **shapes-FID**: Frechet distance between 128-d features of generated images and of other dataset "
+        "images, features from the frozen CNN `trainer/assets/shapes_features.safetensors` "
+        "(`trainer/features.py`). Lower is better; the first row is the floor (two independent dataset sets)."),
+        "",
+        "| row | alignment | bg | colour | shape | position | size | fill | shapes-FID | FID / teacher |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    group_titles = {"heldout": "**held-out (colour, shape, background) combinations, never trained on**",
+                    "ablation": "**ablations at 1 step: stage 3 phase 1 only, same init, seeds and iterations**"}
+    seen_group = "main"
+    for r in results:
+        if r.row.group != seen_group and r.row.group in group_titles:
+            lines.append(f"| {group_titles[r.row.group]} | | | | | | | | | |")
+            seen_group = r.row.group
+        ref = teacher
+        if r.row.group == "heldout":
+            ref = next((x for x in results if x.row.group == "heldout" and x.row.kind == "teacher"), teacher)
+        ratio = f"{r.fid / ref.fid:.2f}x" if ref and r.row.kind != "data" and ref.fid > 0 else ""
+        per = [f"{r.per_attribute.get(k, float('nan')) * 100:.1f}%" for k in ATTRS]
+        lines.append(f"| {r.row.name} | {r.alignment * 100:.1f}% | {' | '.join(per)} | {r.fid:.2f} | {ratio} |")
+    lines.append("")
+    student = by_name.get("NitroFusion 1 step")
+    init = by_name.get("one-step init")
+    if student and teacher:
+        ok_align = student.alignment >= 0.95
+        ok_fid = student.fid <= 1.25 * teacher.fid
+        ok_init = init is not None and student.fid < init.fid
+        lines += [
+            "## Targets",
+            "",
+            f"- 1-step alignment >= 95%: **{student.alignment * 100:.1f}%** ({'met' if ok_align else 'not met'})",
+            (f"- 1-step FID within 1.25x of the teacher: **{student.fid:.2f} vs {teacher.fid:.2f} = "
+            f"{student.fid / teacher.fid:.2f}x** ({'met' if ok_fid else 'not met'})"),
+            (f"- 1-step FID better than the one-step init: **{student.fid:.2f} vs "
+            f"{init.fid if init else float('nan'):.2f}** ({'met' if ok_init else 'not met'})"),
+            "",
+        ]
+    lines += [
+        "## Pictures",
+        "",
+        f"![same 8 prompts and seeds, one strip per row]({rel}/compare.png)",
+        "",
+        f"Training losses (raw and smoothed): ![loss curves]({rel}/loss_curves.png)",
+        "",
+        "Per-row grids (first 32 eval prompts): "
+        + ", ".join(f"[{r.row.name}]({rel}/samples_{'dataset' if r.row.kind == 'data' else r.row.slug}.png)"
+                    for r in results),
+        "",
+    ]
+    Path(path).write_text("\n".join(lines))
+
+
+__all__ = ["ABLATIONS", "Row", "default_rows", "evaluate", "frechet_distance", "write_markdown"]
