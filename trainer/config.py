@@ -63,10 +63,14 @@ class AutoencoderConfig:
     block_out_channels: tuple[int, ...] = (8, 16, 32, 64)  # thin at full resolution: that is where FLOPs go
     layers_per_block: int = 1
     latent_channels: int = 4
-    norm_num_groups: int = 8
+    # 2 groups, not 8: with one channel per group GroupNorm erases a flat region's colour (each channel is
+    # normalised to zero over the image), and the autoencoder could not learn the background (measured).
+    norm_num_groups: int = 2
+    mid_attention: bool = False  # without it the network is fully convolutional, so crop training is exact
     kl_weight: float = 1e-6
-    crop_size: int = 0  # train on random crops of this side (fully convolutional: 4x cheaper at half); 0 = off
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=400, batch_size=16, lr=1e-3, warmup=50))
+    crop_size: int = 32  # train on random crops of this side (4x cheaper than 64x64 for the same steps); 0 = off
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=4000, batch_size=32, lr=2e-3, warmup=50,
+                                                                   checkpoint_every=500))
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
@@ -120,7 +124,8 @@ class TeacherConfig:
     guidance_scale: float = 3.0
     latent_pool: int = 12288  # dataset images VAE-encoded once and reused (0: encode every batch on the fly)
     gradient_checkpointing: bool = False
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1500, batch_size=32, lr=3e-4))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=8000, batch_size=32, lr=3e-4,
+                                                                   checkpoint_every=500))
 
     def __post_init__(self):
         _check(0 <= self.cond_dropout < 1, "teacher.cond_dropout must be in [0, 1)")
@@ -131,7 +136,7 @@ class TeacherConfig:
 class CacheConfig:
     """Stage 2a: (noise, prompt) -> teacher x0 pairs, generated once; also the 'real' samples of stage 3."""
 
-    num_pairs: int = 512
+    num_pairs: int = 1024
     batch_size: int = 64
 
 
@@ -139,7 +144,7 @@ class CacheConfig:
 class InitConfig:
     """Stage 2b: one-step initialisation by regression of the student's one-step x0 on the teacher's x0."""
 
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=300, batch_size=32, lr=1e-4, warmup=20))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=600, batch_size=32, lr=1e-4, warmup=20))
     gradient_checkpointing: bool = False
 
 
@@ -175,7 +180,7 @@ class NitroConfig:
     shift: int = 250  # timestep shift S; saved as `shifted_timestep` in the student's scheduler config
     # Bottom-up: iterations spent with max steps 1, 2, 3, 4. In phase k each iteration draws its step count
     # uniformly from 1..k, runs the first steps without grad and trains the last (re-noised own output).
-    phase_steps: tuple[int, ...] = (250, 50, 50, 50)
+    phase_steps: tuple[int, ...] = (500, 150, 150, 150)
     lr_disc: float = 2e-4
     disc_steps: int = 1  # discriminator updates per generator update
     gradient_checkpointing: bool = False

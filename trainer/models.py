@@ -78,12 +78,18 @@ def build_text_encoder(cfg: TextConfig, tokenizer):
 def build_vae(cfg: AutoencoderConfig, image_size: int):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
         block_out_channels=list(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        norm_num_groups=cfg.norm_num_groups, sample_size=image_size,
+        norm_num_groups=cfg.norm_num_groups, sample_size=image_size, mid_block_add_attention=cfg.mid_attention,
     )
+    # Start near-deterministic: with logvar ~ 0 the sampled latent is mean + N(0, 1) and the decoder sees mostly
+    # noise until the tiny KL weight lets logvar fall, which took hundreds of steps (measured: the background
+    # colour was still wrong after 200). SD's own VAE ends with a tiny posterior std; begin there.
+    with torch.no_grad():
+        vae.quant_conv.bias[cfg.latent_channels:] = -8.0
+    return vae
 
 
 def build_unet(cfg: UNetConfig, latent_size: int, cross_attention_dim: int, latent_channels: int = 4):
