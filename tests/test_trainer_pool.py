@@ -134,3 +134,22 @@ def test_generator_gradient_flows_through_frozen_encoder_to_the_fake(encoder):
     fake_l = {0: torch.full((2, 1, 1, 1), -5.0)}
     assert d_loss(real, fake_l, "hinge").item() == 0.0  # both margins met
     assert d_loss(real, fake_l, "softplus").item() < 0.02
+
+
+def test_a_head_on_a_small_map_learns_a_level_difference():
+    """Real and fake feature maps that differ only in their per-channel level: a head must tell them apart.
+    (With a one-channel GroupNorm on these 2x2 maps it could not, and the shapes pool sat at 2 ln 2.)"""
+    from trainer.discriminator import Head, d_loss
+
+    torch.manual_seed(0)
+    head = Head(in_ch=8, side=4, width=16, min_map=2)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, betas=(0.0, 0.99))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(80):
+        real = torch.randn((32, 8, 4, 4), generator=gen) + 0.5
+        fake = torch.randn((32, 8, 4, 4), generator=gen)
+        loss = d_loss({0: head(real)}, {0: head(fake)}, "softplus")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1.0  # chance is 2 ln 2 = 1.386

@@ -154,11 +154,15 @@ class PoolConfig:
 
     timesteps: tuple[int, ...] = DISC_TIMESTEPS  # t*: each head is an expert for one
     tasks: tuple[str, ...] = TASKS  # global-only ablation: ("global_cond",); cond-only: drop local_uncond
-    heads_per_slot: int = 4  # heads per (t*, feature level, task); pool = |t*| x levels x |tasks| x this
+    # Heads per (t*, feature level, task); pool = |t*| x levels x |tasks| x this. 1 for the shapes recipe: a head
+    # is trained only when its t* is drawn (1/4 of iterations) and its replica sampled (1/this), while 1% of the
+    # pool is reset every iteration; with 4 replicas a head saw ~7 updates before its reset and the pool stayed
+    # at chance (loss_d 1.396 = 2 ln 2 after 100 iterations, measured). With 1 it sees ~20.
+    heads_per_slot: int = 1
     single_head: bool = False  # ablation: one head (mid-block features, global, conditional) for every t*
     refresh_fraction: float = 0.01  # share of the whole pool re-initialised every iteration (0: no refresh)
     crop_fraction: float = 0.5  # local heads read random crops of this side (in latent pixels), own encoder pass
-    head_channels: int = 32  # shapes pool: 336 heads, 10M params in all (64 channels: 23M)
+    head_channels: int = 32
     min_map: int = 2  # heads stride down to this side before the 1x1 logit conv
 
     def __post_init__(self):
@@ -181,7 +185,7 @@ class NitroConfig:
     # Bottom-up: iterations spent with max steps 1, 2, 3, 4. In phase k each iteration draws its step count
     # uniformly from 1..k, runs the first steps without grad and trains the last (re-noised own output).
     phase_steps: tuple[int, ...] = (500, 150, 150, 150)
-    lr_disc: float = 2e-4
+    lr_disc: float = 1e-3
     disc_steps: int = 1  # discriminator updates per generator update
     gradient_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=0, batch_size=16, lr=2e-5, warmup=0))

@@ -140,9 +140,10 @@ def alignment(images: np.ndarray, attrs: list[Attributes]) -> tuple[float, dict[
     return hits["all"] / n, {k: hits[k] / n for k in ATTRS}
 
 
-def train_ablations(cfg: TrainConfig, work: Path, log=print) -> None:
+def train_ablations(cfg: TrainConfig, work: Path, log=print, names: list[str] | None = None) -> None:
     """Each ablation: stage 3 for phase 1 only (as many iterations as the main run's phase 1), from the same
-    init and seeds, into <work>/ablations/<name>/. Resumable like every stage."""
+    init and seeds, into <work>/ablations/<name>/. Resumable like every stage. `names`: a subset (to spread the
+    runs over processes)."""
     from .loop import make_accelerator
     from .recipe import frozen_dirs, stage_dirs
     from .stage3 import train_nitro
@@ -150,6 +151,8 @@ def train_ablations(cfg: TrainConfig, work: Path, log=print) -> None:
     acc = make_accelerator(cfg.run)
     d = stage_dirs(work)
     for name, overrides in ABLATIONS.items():
+        if names is not None and name not in names:
+            continue
         folder = work / "ablations" / slug(name)
         if (folder / "unet").is_dir():
             continue
