@@ -277,7 +277,9 @@ def plot_losses(work: Path, path: Path) -> None:
         if not f.is_file():
             ax.set_title(f"{stage} (no metrics)")
             continue
-        rows = list(csv.DictReader(f.open()))
+        # A resumed stage appends from its checkpoint: keep the last row per step so the curve does not loop.
+        rows = sorted({int(float(r["step"])): r for r in csv.DictReader(f.open())}.values(),
+                      key=lambda r: float(r["step"]))
         steps = np.array([float(r["step"]) for r in rows])
         for k in keys:
             vals = np.array([float(r[k]) for r in rows])
