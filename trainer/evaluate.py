@@ -163,13 +163,13 @@ def train_ablations(cfg: TrainConfig, work: Path, log=print, names: list[str] | 
 
 def evaluate(cfg: TrainConfig, work: Path, model_dir: Path, n: int, ablations: bool, assets: Path,
              log=print) -> list[Result]:
+    from .recipe import frozen_dirs
     from .stage1 import load_frozen
 
     work = Path(work)
     if ablations:
         train_ablations(cfg, work, log)
-    frozen = load_frozen({"vae": work / "autoencoder" / "vae", "tokenizer": work / "text" / "tokenizer",
-                          "text_encoder": work / "text" / "text_encoder"}, "cpu")
+    frozen = load_frozen(frozen_dirs(work), "cpu")
     net = load_feature_net()
     cache_dir = work / "eval"
     cache_dir.mkdir(parents=True, exist_ok=True)
