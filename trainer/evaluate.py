@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from .config import TrainConfig, apply_overrides
 from .detector import detect
 from .features import extract, frechet_distance, load_feature_net
-from .shapes import Attributes, ShapesDataset
+from .shapes import Attributes, ShapesDataset, prompt
 
 EVAL_OFFSET = 3 * 10**8  # dataset indices of eval prompts: disjoint from every training stream
 REAL_OFFSET = 4 * 10**8  # dataset images of the FID reference side: other indices than the prompts'
@@ -57,7 +57,6 @@ class Result:
     per_attribute: dict[str, float]
     fid: float
     seconds: float
-    extra: dict = field(default_factory=dict)
 
 
 def default_rows(cfg: TrainConfig, work: Path, ablations: bool) -> list[Row]:
@@ -82,12 +81,14 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
+def dataset(cfg: TrainConfig, split: str) -> ShapesDataset:
+    return ShapesDataset(cfg.data.image_size, cfg.data.seed, split, cfg.data.heldout_fraction)
+
+
 def eval_set(cfg: TrainConfig, split: str, n: int) -> tuple[list[str], list[Attributes], torch.Tensor]:
     """Prompts, their attributes and one fixed noise tensor per image (seeded by the image's index)."""
-    data = ShapesDataset(cfg.data.image_size, cfg.data.seed, split, cfg.data.heldout_fraction)
+    data = dataset(cfg, split)
     attrs = [data.attributes(EVAL_OFFSET + i)[0] for i in range(n)]
-    from .shapes import prompt
-
     latent = cfg.data.image_size // 8
     noise = torch.stack([torch.randn((cfg.autoencoder.latent_channels, latent, latent),
                                      generator=torch.Generator().manual_seed(SEED0 + i)) for i in range(n)])
@@ -95,7 +96,7 @@ def eval_set(cfg: TrainConfig, split: str, n: int) -> tuple[list[str], list[Attr
 
 
 def real_images(cfg: TrainConfig, split: str, n: int) -> np.ndarray:
-    data = ShapesDataset(cfg.data.image_size, cfg.data.seed, split, cfg.data.heldout_fraction)
+    data = dataset(cfg, split)
     return np.stack([data[REAL_OFFSET + i][0] for i in range(n)])
 
 
@@ -190,7 +191,8 @@ def evaluate(cfg: TrainConfig, work: Path, model_dir: Path, n: int, ablations: b
         grid_file = cache_dir / f"{row.slug}.npy"
         if cached.is_file() and grid_file.is_file() and json.loads(cached.read_text()).get("key") == key:
             r = json.loads(cached.read_text())["result"]
-            results.append(Result(row=row, **{k: v for k, v in r.items() if k != "row"}))
+            fields = ("images", "alignment", "per_attribute", "fid", "seconds")
+            results.append(Result(row=row, **{k: r[k] for k in fields}))
             grids[row.slug] = np.load(grid_file)
             log(f"[eval] {row.name}: cached")
             continue
@@ -206,7 +208,7 @@ def evaluate(cfg: TrainConfig, work: Path, model_dir: Path, n: int, ablations: b
         log(f"[eval] {row.name}: alignment {align:.3f}, FID {fid:.2f} ({res.seconds:.0f} s)")
     # The floor: FID between two independent sets of dataset images (the eval prompts' own images vs the
     # reference side); their alignment is the detector's accuracy on real images.
-    data = ShapesDataset(cfg.data.image_size, cfg.data.seed, "train", cfg.data.heldout_fraction)
+    data = dataset(cfg, "train")
     data_imgs = np.stack([data[EVAL_OFFSET + i][0] for i in range(n)])
     if "train" not in real_feats:
         sets["train"] = eval_set(cfg, "train", n)
