@@ -6,6 +6,8 @@ invocation on the same machine, so compare their ratio, not absolute numbers acr
 
     python bench/server_load.py --model models/default          # the bundled model
     python bench/server_load.py --tiny                          # a tiny random SD model (smoke run)
+    python bench/server_load.py --random-sdxl full --format jpeg   # SDXL architecture, random fp16 weights (GPU)
+    python bench/server_load.py --random-sdxl tiny              # the same code path at toy sizes (CPU smoke run)
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = str(Path(sys.executable).parent / "nitrofusion")
+# The installed console script, else the module (the GPU machine runs from a source tree, nothing installed).
+_SCRIPT = Path(sys.executable).parent / "nitrofusion"
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "nitrofusion.cli"]
 
 
 def save_standin_model(path: Path) -> Path:
@@ -52,6 +56,45 @@ def save_standin_model(path: Path) -> Path:
     return path
 
 
+def save_random_sdxl(path: Path, size: str) -> Path:
+    """SDXL's architecture (bench/gpu_pipeline.py's public configs) with random weights, saved in fp16 with the
+    student scheduler: what a server with NitroSD-Realism computes per request, with no download. `tiny`
+    builds nitrofusion.tiny's SDXL instead, to smoke-test this path on a CPU."""
+    import gc
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_pipeline import build_components
+
+    from trainer.export import student_scheduler
+
+    cuda = size == "full" and torch.cuda.is_available()
+    unet, vae, (te1, te2), (tok1, tok2), _ = build_components(size == "tiny", "cuda" if cuda else "cpu", seed=0)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+                                     unet=unet, scheduler=student_scheduler(250))
+    if size == "full":
+        pipe.to(torch.float16)
+    pipe.save_pretrained(path)
+    del pipe, unet, vae, te1, te2
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()  # the servers get the whole card
+    return path
+
+
+def machine_line() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"GPU {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    except ImportError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU"
+
+
 def free_port() -> int:
     import socket
 
@@ -62,18 +105,21 @@ def free_port() -> int:
 
 def start_server(model: str, batching: bool, max_batch: int, backend: str | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    args = [CLI, "serve", "--model", model, "--port", str(port), "--max-queue", "4096", "--log-level", "warning",
+    args = [*CLI, "serve", "--model", model, "--port", str(port), "--max-queue", "4096", "--log-level", "warning",
             "--max-batch", str(max_batch), "--request-timeout", "3600"]
     if not batching:
         args.append("--no-batching")
     if backend:
         args += ["--backend", backend]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr to a file, not a pipe: nobody reads a pipe during the run, and a full one would stall the server
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server process
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()}")
+            log.seek(0)
+            raise SystemExit(f"server exited: {log.read()[-4000:]}")
         try:
             if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                 return proc, url
@@ -84,7 +130,7 @@ def start_server(model: str, batching: bool, max_batch: int, backend: str | None
     raise SystemExit("server did not become ready")
 
 
-async def closed_loop(url: str, concurrency: int, total: int, size: int, seed: int) -> dict:
+async def closed_loop(url: str, concurrency: int, total: int, size: int, seed: int, fmt: str = "png") -> dict:
     rng = random.Random(seed)
     plan = [rng.randint(1, 4) for _ in range(total)]
     latencies: list[float] = []
@@ -96,9 +142,9 @@ async def closed_loop(url: str, concurrency: int, total: int, size: int, seed: i
             i = next_index
             next_index += 1
             body = {"prompt": f"benchmark prompt {i % 7}", "steps": plan[i], "seed": i, "width": size,
-                    "height": size}
+                    "height": size, "output_format": fmt}
             t0 = time.perf_counter()
-            r = await http.post(url + "/generate", json=body, headers={"Accept": "image/png"})
+            r = await http.post(url + "/generate", json=body, headers={"Accept": f"image/{fmt}"})
             r.raise_for_status()
             latencies.append(time.perf_counter() - t0)
 
@@ -121,9 +167,13 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="use a tiny random SD1.x model (smoke run)")
     ap.add_argument("--standin", action="store_true",
                     help="random weights in the bundled model's architecture (before models/default exists)")
+    ap.add_argument("--random-sdxl", choices=["full", "tiny"], default=None,
+                    help="SDXL architecture with random weights (full: real size, fp16; tiny: smoke run)")
+    ap.add_argument("--format", default="png", choices=["png", "jpeg", "webp"], help="response image format")
     ap.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
     ap.add_argument("--concurrency", default="1,4,16,64")
-    ap.add_argument("--requests", type=int, default=0, help="requests per level (default max(32, 4 x C))")
+    ap.add_argument("--requests", type=int, default=0, help="requests per level (default max(32, P x C))")
+    ap.add_argument("--per-client", type=int, default=4, help="P above: requests per client at each level")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--backend", default="torch", help="torch (default) or onnxruntime")
     ap.add_argument("--write", default=None, help="append the results to this markdown file (BENCHMARKS.md)")
@@ -135,6 +185,9 @@ def main() -> None:
 
         tmp = tempfile.TemporaryDirectory()
         model = str(save_tiny_model(Path(tmp.name) / "tiny_sd", "sd"))
+    elif args.random_sdxl:
+        tmp = tempfile.TemporaryDirectory()
+        model = str(save_random_sdxl(Path(tmp.name) / f"random_sdxl_{args.random_sdxl}", args.random_sdxl))
     elif args.standin:
         tmp = tempfile.TemporaryDirectory()
         model = str(save_standin_model(Path(tmp.name) / "standin_shapes"))
@@ -151,8 +204,8 @@ def main() -> None:
         try:
             results[mode] = {}
             for c in levels:
-                n = args.requests or max(32, 4 * c)
-                results[mode][c] = r = asyncio.run(closed_loop(url, c, n, args.size, seed=c))
+                n = args.requests or max(32, args.per_client * c)
+                results[mode][c] = r = asyncio.run(closed_loop(url, c, n, args.size, seed=c, fmt=args.format))
                 print(f"{mode:18s} c={c:3d}  {r['images_per_s']:7.2f} img/s  p50 {r['p50_ms']:8.1f} ms  "
                       f"p99 {r['p99_ms']:8.1f} ms", flush=True)
         finally:
@@ -163,10 +216,9 @@ def main() -> None:
         (f"### Server load: step-level engine vs one at a time ({Path(model).name}, {args.size}x{args.size}, "
         f"{args.backend or 'torch'} backend)"),
         "",
-        (f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU; "
-        f"date {datetime.now(UTC):%Y-%m-%d}"),
+        f"- Machine: {machine_line()}; date {datetime.now(UTC):%Y-%m-%d}",
         f"- Command: `python bench/server_load.py {' '.join(sys.argv[1:])}`",
-        f"- Closed loop, steps uniform in 1-4, max batch {args.max_batch}, PNG responses",
+        f"- Closed loop, steps uniform in 1-4, max batch {args.max_batch}, {args.format.upper()} responses",
         "",
         ("| concurrency | engine img/s | one-at-a-time img/s | speed-up | engine p50 / p99 ms | "
         "one-at-a-time p50 / p99 ms |"),

@@ -105,11 +105,13 @@ def test_switch_resolution(monkeypatch):
     monkeypatch.delenv("NITROFUSION_CUDA_GRAPHS", raising=False)
     assert resolve_kernels(None, cpu) is False, "off on the CPU by default"
     assert resolve_kernels(False, cuda) is False
-    assert resolve_cuda_graphs(None, cuda) is False, "CUDA graphs are opt-in"
+    assert resolve_cuda_graphs(None, cuda) is True, "CUDA graphs are on by default on CUDA"
+    assert resolve_cuda_graphs(None, cpu) is False
     monkeypatch.setenv("NITROFUSION_KERNELS", "0")
     assert resolve_kernels(None, cuda) is False, "the environment switch turns the CUDA default off"
-    monkeypatch.setenv("NITROFUSION_CUDA_GRAPHS", "1")
-    assert resolve_cuda_graphs(None, cuda) is True and resolve_cuda_graphs(None, cpu) is False
+    monkeypatch.setenv("NITROFUSION_CUDA_GRAPHS", "0")
+    assert resolve_cuda_graphs(None, cuda) is False, "the environment switch turns the CUDA default off"
+    assert resolve_cuda_graphs(False, cuda) is False
     monkeypatch.setenv("NITROFUSION_KERNELS", "yes")
     with pytest.raises(ValueError, match="NITROFUSION_KERNELS"):
         resolve_kernels(None, cuda)

@@ -49,7 +49,7 @@ class TorchBackend:
         self.latent_channels = int(model.unet.config.in_channels)
         self.vae_scale_factor = model.vae_scale_factor
         self._text_cache = PromptCache(text_cache_size)
-        # Fused Triton kernels (on by default on CUDA) and CUDA graphs (opt-in): kernels/accel.py.
+        # Fused Triton kernels and CUDA graphs, both on by default on CUDA: kernels/accel.py.
         from kernels.accel import Accelerator
 
         self.accel = Accelerator.for_backend(self, kernels=kernels, cuda_graphs=cuda_graphs)
