@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nitrofusion.errors import ModelLoadError
 
+from .hash_memo import HashMemo
 from .manifest import MANIFEST_NAME, check_files, exporter_versions, hash_folder, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def onnx_cache_key(source_hash: str, unet_hash: str | None, precisions: tuple[st
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _entry_problem(entry: Path, key: str) -> str | None:
+def _entry_problem(entry: Path, key: str, memo: HashMemo | None = None) -> str | None:
     """None when `entry` is a complete export made for `key`, else why it cannot be used."""
     if not (entry / MANIFEST_NAME).is_file():
         return "no manifest (unfinished export)"
@@ -48,7 +49,7 @@ def _entry_problem(entry: Path, key: str) -> str | None:
         return str(e)
     if manifest.cache_key != key:
         return "made for another model, UNet file or exporter version"
-    return check_files(entry, manifest)
+    return check_files(entry, manifest, memo.digest if memo else sha256_file)
 
 
 def ensure_onnx_export(model_dir: str | Path, unet_file: str | Path | None = None,
@@ -59,18 +60,20 @@ def ensure_onnx_export(model_dir: str | Path, unet_file: str | Path | None = Non
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
         raise ModelLoadError(f"model folder not found: {model_dir}")
-    source_hash = hash_folder(model_dir)
+    memo = HashMemo(cache_root() / "file-hashes.json")  # unchanged files are not re-read on every start
+    source_hash = hash_folder(model_dir, memo.digest)
     unet_hash = None
     if unet_file is not None:
         unet_path = Path(unet_file).expanduser()
         if not unet_path.is_file():
             raise ModelLoadError(f"UNet file not found: {unet_path}")
-        unet_hash = sha256_file(unet_path)
+        unet_hash = memo.digest(unet_path)
     key = onnx_cache_key(source_hash, unet_hash, precisions)
     root = cache_root() / "onnx"
     entry = root / key[:32]
-    problem = _entry_problem(entry, key) if entry.exists() else "not cached yet"
+    problem = _entry_problem(entry, key, memo) if entry.exists() else "not cached yet"
     if problem is None:
+        memo.save()
         log.info("using cached ONNX export %s", entry)
         return entry
     # Shown by the CLI (warnings) and the server: explains a slow first start, once per model and UNet file.
@@ -96,4 +99,5 @@ def ensure_onnx_export(model_dir: str | Path, unet_file: str | Path | None = Non
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    memo.save()
     return entry

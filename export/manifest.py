@@ -96,14 +96,15 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def hash_folder(folder: Path) -> str:
-    """Content hash of every file under `folder` (relative paths and bytes), independent of mtimes."""
+def hash_folder(folder: Path, digest=sha256_file) -> str:
+    """Content hash of every file under `folder` (relative paths and bytes), independent of mtimes. `digest`
+    hashes one file: export/hash_memo.py's HashMemo.digest skips unchanged files."""
     h = hashlib.sha256()
     for p in sorted(q for q in folder.rglob("*") if q.is_file()):
         rel = p.relative_to(folder).as_posix()
         if rel.startswith(".") or "/." in rel:
             continue  # editor / VCS droppings are not model content
-        h.update(rel.encode() + b"\0" + sha256_file(p).encode() + b"\n")
+        h.update(rel.encode() + b"\0" + digest(p).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -119,14 +120,14 @@ def exporter_versions() -> dict[str, str]:
     return out
 
 
-def check_files(root: Path, manifest: Manifest) -> str | None:
+def check_files(root: Path, manifest: Manifest, digest=sha256_file) -> str | None:
     """None when every listed file is present with its recorded hash, else what is wrong (one line)."""
     for comps in manifest.components.values():
         for name, entry in comps.items():
-            for fname, digest in entry.files.items():
+            for fname, recorded in entry.files.items():
                 path = root / entry.folder / fname
                 if not path.is_file():
                     return f"{name}: {path} is missing"
-                if sha256_file(path) != digest:
+                if digest(path) != recorded:
                     return f"{name}: {path} does not match its recorded hash"
     return None

@@ -197,3 +197,41 @@ def test_cli_export_folder_works_as_model(tiny_dirs, pipelines, tmp_path):
         r = run_cli(*args)
         assert r.returncode == 2 and needle in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_hash_memo_skips_unchanged_files_and_rehashes_changed_ones(tiny_dirs, tmp_path, monkeypatch):
+    import shutil
+
+    from export import hash_memo
+    from export.hash_memo import HashMemo
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_dirs["sd"], copy)
+    reads: list[str] = []
+    real = hash_memo.sha256_file
+    monkeypatch.setattr(hash_memo, "sha256_file", lambda p: reads.append(p.name) or real(p))
+    memo_file = tmp_path / "cache" / "file-hashes.json"
+
+    memo = HashMemo(memo_file)
+    first = hash_folder(copy, memo.digest)
+    assert first == hash_folder(copy), "the memo must not change the content hash"
+    n_files = len(reads)
+    assert n_files > 3
+    memo.save()
+
+    reads.clear()
+    memo = HashMemo(memo_file)  # a new process: the memo comes from disk
+    assert hash_folder(copy, memo.digest) == first and reads == [], "unchanged files are not read again"
+
+    sched = copy / "scheduler" / "scheduler_config.json"
+    sched.write_text(sched.read_text() + " ")
+    changed = hash_folder(copy, memo.digest)
+    assert reads == ["scheduler_config.json"] and changed == hash_folder(copy) != first
+
+    monkeypatch.setenv("NITRO_REHASH", "1")  # the escape hatch reads everything
+    reads.clear()
+    assert hash_folder(copy, HashMemo(memo_file).digest) == changed and len(reads) == n_files
+
+    memo_file.write_text("{not json")  # a damaged memo only costs the hashing
+    monkeypatch.delenv("NITRO_REHASH")
+    assert hash_folder(copy, HashMemo(memo_file).digest) == changed
