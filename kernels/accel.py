@@ -60,8 +60,10 @@ class Accelerator:
     handles: list[PatchHandle] = field(default_factory=list)
     unet_graphs: GraphCache | None = None
     vae_graphs: GraphCache | None = None
+    text_graphs: list[GraphCache] | None = None  # one per text encoder
     _unet: Any = None
     _vae: Any = None
+    _text_fns: list = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -73,6 +75,8 @@ class Accelerator:
         acc = cls(resolve_kernels(kernels, backend.device), resolve_cuda_graphs(cuda_graphs, backend.device))
         model = backend.model
         acc._unet, acc._vae = model.unet, model.vae
+        # The backend decides what each encoder returns (family-specific); graphs only replay it.
+        acc._text_fns = [backend.text_encoder_call(i) for i in range(len(model.text_encoders))]
         if acc.kernels:
             acc.handles.append(patch_unet(model.unet))
             acc.handles.append(patch_vae_decoder(model.vae))
@@ -86,6 +90,9 @@ class Accelerator:
         self.unet_graphs = GraphCache(self._unet_eager, buckets, "unet", capturer)
         vae_buckets = tuple(b for b in VAE_BUCKETS if b <= buckets[-1]) or (buckets[0],)
         self.vae_graphs = GraphCache(self._decode_eager, vae_buckets, "vae", capturer)
+        # Text encoders at batch 1 are launch-bound (16 ms for SDXL's two on an H100, eager; BENCHMARKS.md).
+        self.text_graphs = [GraphCache(fn, buckets, f"text_encoder_{i}", capturer)
+                            for i, fn in enumerate(self._text_fns)]
 
     def patch_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -108,6 +115,13 @@ class Accelerator:
         if self.unet_graphs is not None:
             return self.unet_graphs(*inputs)
         return self._unet_eager(*inputs)
+
+    def text(self, index: int, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Text encoder `index` on (B, L) token ids, through its graph cache when graphs are on."""
+        if self.text_graphs:
+            out = self.text_graphs[index](ids)
+            return out if isinstance(out, tuple) else (out,)
+        return tuple(self._text_fns[index](ids))
 
     def _decode_eager(self, z: torch.Tensor) -> torch.Tensor:
         """Decoder + postprocess: (B, 4, h, w) scaled-back latents -> (B, H, W, 3) uint8 on the device."""
@@ -140,7 +154,7 @@ class Accelerator:
             h.undo()
         self.handles.clear()
         self.kernels = False
-        self.unet_graphs = self.vae_graphs = None
+        self.unet_graphs = self.vae_graphs = self.text_graphs = None
         self.cuda_graphs = False
 
 

@@ -183,3 +183,25 @@ def test_warm_up_captures_every_size_and_bucket(tiny_sdxl_dir):
     assert pipe.backend.accel.warm_up(pipe, [(32, 32), (16, 24)]) == 4
     assert pipe.backend.accel.unet_graphs.summary()["graphs"] == 4
     assert pipe.backend.accel.vae_graphs.summary()["graphs"] == 4
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_text_encoders_route_through_graph_caches(family, tiny_sd_dir, tiny_sdxl_dir):
+    """Both families' text encoders replay from graph caches (a fake capture here) with the eager embeddings:
+    SDXL's penultimate layers and pooled projection survive the tuple outputs, and padded rows are cut off."""
+    from nitrofusion.backends.torch_backend import TorchBackend
+    from nitrofusion.models import load_model
+
+    folder = tiny_sd_dir if family == "sd" else tiny_sdxl_dir
+    prompts = ["a red cat", "two blue birds on a wire", "x"]  # 3 prompts: padded to bucket 4
+    plain = TorchBackend(load_model(folder), device="cpu", kernels=False)
+    graphed = TorchBackend(load_model(folder), device="cpu", kernels=False)
+    graphed.accel.build_graphs((1, 2, 4), FakeCapturer())
+    want, got = plain._encode_uncached(prompts), graphed._encode_uncached(prompts)
+    assert (want[1] is None) == (got[1] is None) == (family == "sd")
+    torch.testing.assert_close(got[0], want[0])
+    if family == "sdxl":
+        torch.testing.assert_close(got[1], want[1])
+    caches = graphed.accel.text_graphs
+    assert len(caches) == (1 if family == "sd" else 2)
+    assert all(c.summary() == {"graphs": 1, "failed": 0, "eager_calls": 0, "replays": 1} for c in caches)

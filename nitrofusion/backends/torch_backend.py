@@ -58,21 +58,31 @@ class TorchBackend:
     def count_tokens(self, prompt: str) -> int:
         return max(len(tok(prompt).input_ids) for tok in self.model.tokenizers)
 
+    def text_encoder_call(self, index: int):
+        """fn(ids) -> (hidden states for the embeddings, first output) for text encoder `index`, as diffusers'
+        encode_prompt reads them: SD1.x the last hidden state; SDXL the penultimate layer, and the first output
+        (CLIPTextModelWithProjection's pooled text_embeds). Tensors only, so a CUDA graph can replay it."""
+        enc = self.model.text_encoders[index]
+        if self.model.family == "sd":
+            return lambda ids: (enc(ids)[0],)
+
+        def run(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = enc(ids, output_hidden_states=True)
+            return out.hidden_states[-2], out[0]
+
+        return run
+
     @torch.inference_mode()
     def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As diffusers' pipelines encode_prompt: SD1.x last hidden state; SDXL the penultimate layer of
-        both encoders concatenated, and the pooled projection of the second."""
+        """Both encoders' hidden states concatenated, and the pooled projection of SDXL's second."""
         embeds, pooled = [], None
-        for tok, enc in zip(self.model.tokenizers, self.model.text_encoders):
+        for i, tok in enumerate(self.model.tokenizers):
             ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids.to(self.device)
-            if self.model.family == "sd":
-                embeds.append(enc(ids)[0])
-            else:
-                out = enc(ids, output_hidden_states=True)
-                if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
-                    pooled = out[0]
-                embeds.append(out.hidden_states[-2])
+            out = self.accel.text(i, ids)
+            embeds.append(out[0])
+            if len(out) > 1 and out[1].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
+                pooled = out[1]
         return torch.cat(embeds, dim=-1), pooled
 
     def encode_text(self, prompts: list[str], sizes: list[tuple[int, int]]) -> Conditioning:
