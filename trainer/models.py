@@ -92,7 +92,7 @@ def build_vae(cfg: AutoencoderConfig, image_size: int):
     return vae
 
 
-def build_unet(cfg: UNetConfig, latent_size: int, cross_attention_dim: int, latent_channels: int = 4):
+def build_unet(cfg: UNetConfig, latent_size: int, cross_attention_dim: int, latent_channels: int):
     from diffusers import UNet2DConditionModel
 
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.cross_attn)

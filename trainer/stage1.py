@@ -99,7 +99,7 @@ def train_teacher(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], 
     frozen = load_frozen(frozen_dirs, accelerator.device)
     latent = cfg.data.image_size // 8
     torch.manual_seed(cfg.run.seed)
-    unet = build_unet(c.unet, latent, frozen["text_encoder"].config.hidden_size)
+    unet = build_unet(c.unet, latent, frozen["text_encoder"].config.hidden_size, frozen["vae"].config.latent_channels)
     if c.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(unet.parameters(), lr=c.optim.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
