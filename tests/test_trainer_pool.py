@@ -14,7 +14,7 @@ LATENT, CTX_LEN, CTX_DIM = 8, 6, 16
 def encoder():
     torch.manual_seed(0)
     unet = build_unet(UNetConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4,
-                                 cross_attn=(False, True)), LATENT, CTX_DIM)
+                                 cross_attn=(False, True)), LATENT, CTX_DIM, latent_channels=4)
     return FrozenEncoder(unet)
 
 
