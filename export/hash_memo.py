@@ -1,7 +1,7 @@
 """Remembered file digests, so a 7 GB SDXL folder is not re-read on every start.
 
 The export cache is keyed on content (export/cache.py), which means hashing every byte of the model folder and
-of the cached graphs each time a server starts: about 10 s for SDXL at disk speed. A digest is reused while the
+of the cached graphs each time a server starts: gigabytes for SDXL, read again for nothing. A digest is reused while the
 file's size, mtime (ns) and inode are unchanged, as git's index and make do; anything else is hashed again.
 Rewriting a file in place with the same size and a forged mtime would fool it: `NITRO_REHASH=1` ignores the memo.
 The memo lives beside the cache entries; a memo that cannot be read or written only costs the hashing.

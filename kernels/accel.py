@@ -90,7 +90,7 @@ class Accelerator:
         self.unet_graphs = GraphCache(self._unet_eager, buckets, "unet", capturer)
         vae_buckets = tuple(b for b in VAE_BUCKETS if b <= buckets[-1]) or (buckets[0],)
         self.vae_graphs = GraphCache(self._decode_eager, vae_buckets, "vae", capturer)
-        # Text encoders at batch 1 are launch-bound (16 ms for SDXL's two on an H100, eager; BENCHMARKS.md).
+        # SDXL's two text encoders took 16.5 ms eager of an 84.8 ms 1024^2 image on an H100 (BENCHMARKS.md).
         self.text_graphs = [GraphCache(fn, buckets, f"text_encoder_{i}", capturer)
                             for i, fn in enumerate(self._text_fns)]
 
