@@ -13,7 +13,7 @@ from trainer.evaluate import SEED0, alignment, eval_set
 from .helpers import run_cli
 
 pytestmark = pytest.mark.skipif(default_model_dir() is None, reason="models/default is not in this checkout")
-MIN_ALIGNMENT = 0.5  # measured 37/64 = 0.578 on these images (EVAL.md, 2000 images: 0.576); margin for float noise
+MIN_ALIGNMENT = 0.55  # measured 41/64 = 0.641 on these images (EVAL.md, 2000 images: 0.630); margin for float noise
 
 
 def test_generate_without_model_uses_the_bundled_student(tmp_path):

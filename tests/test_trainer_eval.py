@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.config import recipe
-from trainer.evaluate import ABLATIONS, SEED0, alignment, eval_set, real_images
+from trainer.evaluate import ABLATIONS, CONTROLS, SEED0, alignment, eval_set, real_images, slug
 from trainer.features import GROUPS, attribute_accuracy, extract, frechet_distance, load_feature_net
 from trainer.recipe import run
 from trainer.shapes import PALETTE, ShapesDataset
@@ -108,13 +108,15 @@ def test_eval_cli_writes_report_grids_and_curves_and_student_rows_match_generate
     for png in ["samples_dataset.png", "samples_nitrofusion_1_step.png"]:  # 8 images of 32 px in a row, 2x
         assert Image.open(tmp_path / "eval" / png).size == (8 * 34 * 2, 34 * 2), png
     compare = Image.open(tmp_path / "eval" / "compare.png")
-    assert compare.height == 34 * 2 * (1 + 6 + 1 + len(ABLATIONS))  # dataset, 6 main rows, ablation reference
+    # dataset, 6 main rows, the ablation reference, the ablations, each control at 1 and 4 steps
+    assert compare.height == 34 * 2 * (1 + 6 + 1 + len(ABLATIONS) + 2 * len(CONTROLS))
     assert Image.open(tmp_path / "eval" / "loss_curves.png").size[0] > 800
     # Each ablation trained its own stage-3 run with its switch set.
-    for name in ABLATIONS:
-        slug = re.sub(r"[^a-z0-9]", "_", name.lower())
-        saved = json.loads((root / "work" / "ablations" / slug / "train_config.json").read_text())
-        assert saved["nitro"]["phase_steps"] == [1]
+    for name in [*ABLATIONS, *CONTROLS]:
+        saved = json.loads((root / "work" / "ablations" / slug(name) / "train_config.json").read_text())
+        assert saved["nitro"]["phase_steps"] == ([1] if name in ABLATIONS else list(recipe("tiny").nitro.phase_steps))
+    control = json.loads((root / "work" / "ablations" / slug(next(iter(CONTROLS))) / "train_config.json").read_text())
+    assert control["nitro"]["adv_weight"] == 0
     single = json.loads((root / "work" / "ablations" / "single_head" / "train_config.json").read_text())
     assert single["nitro"]["pool"]["single_head"] is True
     # A student row's first image is exactly what `nitrofusion generate` makes with seed SEED0.

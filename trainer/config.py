@@ -189,13 +189,34 @@ class NitroConfig:
     phase_steps: tuple[int, ...] = (500, 150, 150, 150)
     lr_disc: float = 1e-3
     disc_steps: int = 1  # discriminator updates per generator update
+    # What the heads call real. "teacher": the cached teacher samples (the paper: no real images). "data": the
+    # teacher stage's pre-encoded dataset latents (teacher/latent_pool.pt), for when the data exists and the
+    # teacher's samples cap quality.
+    real: str = "teacher"
+    # Generator loss = adv_weight * adversarial + reg_weight * L2, the L2 term pulling the student's output from a
+    # cached teacher noise toward that noise's teacher sample (the init's own objective). The paper is adversarial
+    # only (reg_weight 0). On the shapes recipe its discriminator pool stays near chance (loss_d ~ 2 ln 2) and the
+    # student drifts away from the init (1-step FID 49.5 -> 104 after 500 iterations); with the L2 anchor and a
+    # 2.5x learning rate it improves on the init (46.1 at 500). Measured on an H100: bench/nitro_sweep.py,
+    # BENCHMARKS.md "Stage-3 sweep". adv_weight=0 is the control: the L2 term alone, no discriminator signal.
+    adv_weight: float = 1.0
+    reg_weight: float = 10.0
+    # The L2 term on k-step iterations too (k > 1), against the same teacher sample. Off: a k-step output depends
+    # on the fresh noise of each re-noising, so one teacher sample is not its target, and pulling it there cost
+    # the 1-step student 10 FID during phases 2-4 (46.2 -> 56.9, measured on this CPU).
+    reg_multistep: bool = False
+    snapshot_every: int = 0  # also save the student as unet_step<N>/ every N iterations (0: never); for sweeps
     gradient_checkpointing: bool = False
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=0, batch_size=16, lr=2e-5, warmup=0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=0, batch_size=16, lr=5e-5, warmup=0))
 
     def __post_init__(self):
         self.phase_steps = tuple(self.phase_steps)
         _check(self.loss in ("softplus", "hinge"), "nitro.loss must be 'softplus' or 'hinge'")
         _check(0 < self.shift <= 1000, "nitro.shift must be in (0, 1000]")
+        _check(self.real in ("teacher", "data"), "nitro.real must be 'teacher' or 'data'")
+        _check(self.reg_weight >= 0 and self.adv_weight >= 0, "nitro.reg_weight and nitro.adv_weight must be >= 0")
+        _check(self.reg_weight + self.adv_weight > 0, "nitro: adv_weight and reg_weight cannot both be 0")
+        _check(self.snapshot_every >= 0, "nitro.snapshot_every must be >= 0")
         _check(1 <= len(self.phase_steps) <= 4, "nitro.phase_steps: 1 to 4 entries (max steps 1..4)")
         self.optim.steps = sum(self.phase_steps)  # total iterations; the phases decide the step count
 

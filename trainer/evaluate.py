@@ -32,6 +32,13 @@ ABLATIONS: dict[str, list[str]] = {
     "pool without refresh": ["nitro.pool.refresh_fraction=0"],
     "global heads only": ['nitro.pool.tasks=["global_cond"]'],
     "conditional heads only": ['nitro.pool.tasks=["global_cond","local_cond"]'],
+    "adversarial only (the paper: no L2 term)": ["nitro.reg_weight=0"],
+    "L2 term only (no discriminator signal)": ["nitro.adv_weight=0"],
+}
+# Controls trained on the main run's whole schedule (every bottom-up phase), scored at 1 and 4 steps: does the
+# discriminator's signal matter there, where the phase-1 ablations cannot tell?
+CONTROLS: dict[str, list[str]] = {
+    "L2 term only, every phase (no discriminator signal)": ["nitro.adv_weight=0"],
 }
 
 
@@ -74,6 +81,8 @@ def default_rows(cfg: TrainConfig, work: Path, ablations: bool) -> list[Row]:
         rows.append(Row("full pool, phase 1 only (reference)", "student", f"nitro/{PHASE1_DIR}", 1,
                         group="ablation"))
         rows += [Row(name, "student", f"ablations/{slug(name)}/unet", 1, group="ablation") for name in ABLATIONS]
+        rows += [Row(f"{name}, {k} step{'s' if k > 1 else ''}", "student", f"ablations/{slug(name)}/unet", k,
+                     group="control") for name in CONTROLS for k in (1, 4)]
     return rows
 
 
@@ -102,7 +111,7 @@ def real_images(cfg: TrainConfig, split: str, n: int) -> np.ndarray:
 
 @torch.no_grad()
 def generate(row: Row, cfg: TrainConfig, work: Path, model_dir: Path, frozen: dict, prompts: list[str],
-             noise: torch.Tensor, batch: int = 200) -> np.ndarray:
+             noise: torch.Tensor, batch: int = 200, device: str = "cpu") -> np.ndarray:
     """(N, H, W, 3) uint8 images for one row.
 
     Students run through the inference pipeline itself (`nitrofusion.pipeline`, the exported model with the
@@ -112,8 +121,8 @@ def generate(row: Row, cfg: TrainConfig, work: Path, model_dir: Path, frozen: di
         from nitrofusion.generation import GenerationRequest
         from nitrofusion.pipeline import load_pipeline
 
-        pipe = load_pipeline(model_dir, work / row.unet / "diffusion_pytorch_model.safetensors", device="cpu",
-                             backend="torch")
+        pipe = load_pipeline(model_dir, work / row.unet / "diffusion_pytorch_model.safetensors", device=device,
+                             backend="torch", dtype="float32")
         side = cfg.data.image_size
         reqs = [GenerationRequest(p, row.steps, SEED0 + i, side, side) for i, p in enumerate(prompts)]
         return np.stack([im for start in range(0, len(reqs), batch) for im in pipe(reqs[start:start + batch])])
@@ -142,23 +151,25 @@ def alignment(images: np.ndarray, attrs: list[Attributes]) -> tuple[float, dict[
 
 
 def train_ablations(cfg: TrainConfig, work: Path, log=print, names: list[str] | None = None) -> None:
-    """Each ablation: stage 3 for phase 1 only (as many iterations as the main run's phase 1), from the same
-    init and seeds, into <work>/ablations/<name>/. Resumable like every stage. `names`: a subset (to spread the
-    runs over processes)."""
+    """Each ablation: stage 3 for phase 1 only (as many iterations as the main run's phase 1); each control: the
+    whole schedule. All from the same init and seeds, into <work>/ablations/<name>/. Resumable like every stage.
+    `names`: a subset (to spread the runs over processes)."""
     from .loop import make_accelerator
     from .recipe import frozen_dirs, stage_dirs
     from .stage3 import train_nitro
 
     acc = make_accelerator(cfg.run)
     d = stage_dirs(work)
-    for name, overrides in ABLATIONS.items():
+    phase1 = f"nitro.phase_steps=[{cfg.nitro.phase_steps[0]}]"
+    runs = {**{n: [*o, phase1] for n, o in ABLATIONS.items()}, **CONTROLS}
+    for name, overrides in runs.items():
         if names is not None and name not in names:
             continue
         folder = work / "ablations" / slug(name)
         if (folder / "unet").is_dir():
             continue
         log(f"[eval] training ablation: {name} ({', '.join(overrides)})")
-        sub = apply_overrides(cfg, [*overrides, f"nitro.phase_steps=[{cfg.nitro.phase_steps[0]}]"])
+        sub = apply_overrides(cfg, overrides)
         train_nitro(sub, folder, frozen_dirs(work), d["teacher"] / "unet", d["init"] / "unet", d["cache"], acc)
 
 
@@ -244,7 +255,7 @@ def write_pictures(results: list[Result], grids: dict[str, np.ndarray], assets: 
         if key in grids:
             tile(grids[key], 8).save(assets / f"samples_{key}.png")
     main = [r for r in results if r.row.group in ("main",) or r.row.kind == "data"]
-    main += [r for r in results if r.row.group == "ablation"]
+    main += [r for r in results if r.row.group in ("ablation", "control")]
     label_w = 300
     strips = []
     for r in main:
@@ -272,7 +283,9 @@ def plot_losses(work: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("autoencoder", ["rec"]), ("teacher", ["loss"]), ("init", ["loss"]), ("nitro", ["loss_g", "loss_d"])]
+    # The L2 term is logged on one-step iterations only (NaN on the others): its own panel, NaNs dropped.
+    panels = [("autoencoder", ["rec"]), ("teacher", ["loss"]), ("init", ["loss"]), ("nitro", ["loss_g", "loss_d"]),
+              ("nitro", ["loss_reg"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (stage, keys) in zip(axes, panels):
         f = work / stage / "metrics.csv"
@@ -282,18 +295,23 @@ def plot_losses(work: Path, path: Path) -> None:
         # A resumed stage appends from its checkpoint: keep the last row per step so the curve does not loop.
         rows = sorted({int(float(r["step"])): r for r in csv.DictReader(f.open())}.values(),
                       key=lambda r: float(r["step"]))
-        steps = np.array([float(r["step"]) for r in rows])
         for k in keys:
-            vals = np.array([float(r[k]) for r in rows])
+            if k not in rows[0]:
+                continue
+            pairs = [(float(r["step"]), float(r[k])) for r in rows if r.get(k) not in (None, "", "nan")]
+            steps, vals = (np.array(v) for v in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))
+            if not len(vals):
+                continue
             win = max(1, len(vals) // 40)  # light smoothing: raw per-step GAN losses are mostly noise
             smooth = np.convolve(vals, np.ones(win) / win, mode="valid")
             ax.plot(steps, vals, alpha=0.25, lw=0.8)
             ax.plot(steps[win - 1:], smooth, label=k)
-        ax.set_title(stage)
+        ax.set_title(f"{stage} (L2 term, 1-step iterations)" if keys == ["loss_reg"] else stage)
         ax.set_xlabel("step")
-        if stage in ("autoencoder", "teacher", "init"):
+        if stage in ("autoencoder", "teacher", "init") or keys == ["loss_reg"]:
             ax.set_yscale("log")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -320,7 +338,8 @@ def write_markdown(results: list[Result], path: Path, assets: Path, command: str
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     group_titles = {"heldout": "**held-out (colour, shape, background) combinations, never trained on**",
-                    "ablation": "**ablations at 1 step: stage 3 phase 1 only, same init, seeds and iterations**"}
+                    "ablation": "**ablations at 1 step: stage 3 phase 1 only, same init, seeds and iterations**",
+                    "control": "**control: the whole stage 3 schedule without the discriminator's signal**"}
     seen_group = "main"
     for r in results:
         if r.row.group != seen_group and r.row.group in group_titles:
@@ -364,4 +383,4 @@ def write_markdown(results: list[Result], path: Path, assets: Path, command: str
     Path(path).write_text("\n".join(lines))
 
 
-__all__ = ["ABLATIONS", "Row", "default_rows", "evaluate", "frechet_distance", "write_markdown"]
+__all__ = ["ABLATIONS", "CONTROLS", "Row", "default_rows", "evaluate", "frechet_distance", "write_markdown"]

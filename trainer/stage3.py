@@ -4,8 +4,11 @@ One iteration (paper Sec. 3.2-3.3):
   1. draw t* and sample one head per (level, task) for it; re-initialise ~1% of the whole pool (refresh);
   2. the student generates: k ~ U{1..phase} steps of the shifted LCM schedule (nitrofusion.sampler, so training
      and inference agree); the first k-1 without gradients (re-noising its own output), the last with them;
-  3. generator update: adversarial loss of the sampled heads on the fake x0 (no regression term, as the paper);
-  4. discriminator update: the sampled heads on teacher samples (real) vs the detached fake x0.
+  3. generator update: adversarial loss of the sampled heads on the fake x0, plus (`nitro.reg_weight` > 0, the
+     shapes default; the paper has none) an L2 term: the fakes start from cached teacher noises and each
+     one-step output is pulled toward its teacher sample;
+  4. discriminator update: the sampled heads on real x0 (teacher samples, or dataset latents with
+     `nitro.real=data`) vs the detached fake x0.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from nitrofusion.sampler import LCMSampler
 
@@ -20,7 +24,7 @@ from .config import TrainConfig
 from .discriminator import FrozenEncoder, HeadPool, d_loss, encoder_features, g_loss
 from .loop import Stage, autocast, set_lr
 from .models import alphas_cumprod, count_params
-from .stage1 import load_frozen
+from .stage1 import latent_pool, load_frozen
 from .stage2 import cache_batch, load_cache
 
 PHASE1_DIR = "unet_phase1"  # snapshot of the student when phase 1 (one-step training) ends
@@ -84,6 +88,15 @@ def train_nitro(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], te
     student.train()
     pool.train()
     cache = load_cache(cache_dir)
+    reals = cache
+    if c.real == "data":  # the teacher stage's encoded dataset images (encoded now if that stage kept none)
+        if not cfg.teacher.latent_pool:
+            raise ValueError("nitro.real=data reads the teacher's latent pool: set teacher.latent_pool > 0")
+        from .shapes import ShapesDataset
+
+        data = ShapesDataset(cfg.data.image_size, cfg.data.seed, "train", cfg.data.heldout_fraction)
+        pool_lat = latent_pool(cfg, Path(teacher_dir).parent, frozen["vae"], data, accelerator)
+        reals = {"x0": pool_lat["latents"], "prompts": pool_lat["prompts"]}
     sampler = LCMSampler(alphas_cumprod())
     abar = sampler.alphas_cumprod
     uncond_1 = frozen["text"]([""])
@@ -101,11 +114,19 @@ def train_nitro(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], te
         phase = c.max_steps_at(stage.step)
         steps = 1 + int(torch.randint(phase, (1,), generator=shared))
 
-        _, real, prompts = cache_batch(cache, gen, b)
-        real = real.to(dev)
+        # Fakes start from fresh noise, or (reg_weight > 0) from cached teacher noises, whose samples are targets.
+        pair_noise, target, prompts = cache_batch(cache, gen, b)
+        reg = c.reg_weight if steps == 1 or c.reg_multistep else 0.0
+        noise = pair_noise.to(dev) if c.reg_weight else torch.randn(target.shape, generator=gen).to(dev)
+        if c.real == "data":
+            pick = torch.randint(len(reals["prompts"]), (b,), generator=gen)
+            real, real_prompts = reals["x0"][pick], [reals["prompts"][i] for i in pick.tolist()]
+        else:
+            real, real_prompts = target, prompts
+        real, target = real.to(dev), target.to(dev)
         emb = frozen["text"](prompts)
+        emb_real = emb if real_prompts is prompts else frozen["text"](real_prompts)
         uncond = uncond_1.expand(b, -1, -1)
-        noise = torch.randn(real.shape, generator=gen).to(dev)
 
         # 2-3. Generator step.
         with autocast(accelerator):
@@ -113,7 +134,9 @@ def train_nitro(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], te
             feats = encoder_features(encoder, fake, t_star, emb, uncond, tasks, c.pool.crop_fraction, abar, gen)
             # The heads are only judges here: run them outside DDP's gradient sync; their grads are dropped.
             with accelerator.no_sync(pool) if multi else torch.enable_grad():
-                loss_g = g_loss(pool(feats, heads), c.loss)
+                loss_adv = g_loss(pool(feats, heads), c.loss)
+                loss_reg = F.mse_loss(fake, target) if reg else torch.zeros((), device=dev)
+                loss_g = c.adv_weight * loss_adv + reg * loss_reg
                 accelerator.backward(loss_g)
         if c.optim.grad_clip:
             accelerator.clip_grad_norm_(student.parameters(), c.optim.grad_clip)
@@ -126,7 +149,7 @@ def train_nitro(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], te
         for _ in range(c.disc_steps):
             with autocast(accelerator):
                 with torch.no_grad():
-                    both = encoder_features(encoder, torch.cat([real, fake]), t_star, torch.cat([emb, emb]),
+                    both = encoder_features(encoder, torch.cat([real, fake]), t_star, torch.cat([emb_real, emb]),
                                             torch.cat([uncond, uncond]), tasks, c.pool.crop_fraction, abar, gen)
                 logits = pool(both, heads)
                 loss_d = d_loss({i: v[:b] for i, v in logits.items()}, {i: v[b:] for i, v in logits.items()},
@@ -137,11 +160,16 @@ def train_nitro(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], te
 
         stage.step += 1
         stage.extra_state["last_refreshed"] = refreshed
-        stage.log({"loss_g": loss_g.item(), "loss_d": loss_d.item(), "t_star": t_star, "steps": steps,
-                   "heads": len(heads), "refreshed": len(refreshed)})
+        logs = {"loss_g": loss_adv.item(), "loss_d": loss_d.item(), "t_star": t_star, "steps": steps,
+                "heads": len(heads), "refreshed": len(refreshed)}
+        if c.reg_weight:
+            logs["loss_reg"] = loss_reg.item() if reg else float("nan")
+        stage.log(logs)
         if stage.step == c.phase_steps[0] and len(c.phase_steps) > 1 and accelerator.is_main_process:
             # The one-step student before bottom-up refinement: what the 1-step ablations compare against.
             raw_student.save_pretrained(folder / PHASE1_DIR)
+        if c.snapshot_every and stage.step % c.snapshot_every == 0 and accelerator.is_main_process:
+            raw_student.save_pretrained(folder / f"unet_step{stage.step}")
         stage.maybe_checkpoint(c.optim.checkpoint_every)
     stage.close()
     if accelerator.is_main_process:
