@@ -29,7 +29,8 @@ if [ -n "${TINY:-}" ]; then
         --images 16 --device cpu --variants base,data+reg1,init4k --set cache.num_pairs=8 --set init.optim.steps=2"
 else
   ARGS="--base $BASE --iters ${ITERS:-1500} --every ${EVERY:-250} --parallel ${PARALLEL:-17}
-        --train-timeout ${TRAIN_TIMEOUT:-290} --score-timeout ${SCORE_TIMEOUT:-150} --images 2000 --device cuda"
+        --train-timeout ${TRAIN_TIMEOUT:-290} --score-timeout ${SCORE_TIMEOUT:-150} --images 2000 --device cuda
+        ${VARIANTS:+--variants $VARIANTS}"
 fi
 python3 bench/nitro_sweep.py run --out "$OUT/sweep" $ARGS 2>&1 | tee "$OUT/sweep.log" | grep -v "^\[transformers\]"
 # Keep the small files (metrics, logs, scores), not the snapshots.
