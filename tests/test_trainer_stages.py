@@ -184,3 +184,46 @@ def test_dataset_reals_run_with_their_own_prompts(tiny_run, tmp_path):
         shutil.rmtree(tmp_path / "nitro")
         run(apply_overrides(recipe("tiny"), ["nitro.real=data", "teacher.latent_pool=0"]), tmp_path,
             tmp_path / "model", ["nitro"])
+
+
+def test_teacher_sampler_from_a_start_timestep(tiny_run):
+    """sample_teacher(start=999) is the from-noise sampler exactly (same trailing timesteps); from a low start it
+    keeps what the partly noised input already holds (closer to that x0 than to another sample's)."""
+    from diffusers import UNet2DConditionModel
+
+    from trainer.models import add_noise, alphas_cumprod
+    from trainer.recipe import frozen_dirs
+    from trainer.stage1 import load_frozen, sample_teacher
+
+    cfg, work, _ = tiny_run
+    text = load_frozen(frozen_dirs(work), "cpu")["text"]
+    unet = UNet2DConditionModel.from_pretrained(work / "teacher" / "unet").eval()
+    prompts = ["large red circle in the center, blue background", "small green square on the left, black background"]
+    noise = torch.randn((2, cfg.autoencoder.latent_channels, 4, 4), generator=torch.Generator().manual_seed(0))
+    a = sample_teacher(unet, text, prompts, noise, 5, 2.0)
+    b = sample_teacher(unet, text, prompts, noise, 5, 2.0, start=999)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    x0 = torch.randn_like(noise) * 2
+    t = torch.full((2,), 20)
+    x = sample_teacher(unet, text, prompts, add_noise(x0, noise, t, alphas_cumprod()), 2, 2.0, start=20)
+    assert (x - x0).abs().mean() < 0.5 * (x - x0.flip(0)).abs().mean()
+
+
+def test_multistep_l2_targets_log_only_where_they_apply(tiny_run, tmp_path):
+    """reg_multistep=off: the L2 term (and its log) on 1-step iterations only; =teacher: on k-step ones too."""
+    import csv
+
+    _, work, _ = tiny_run
+    seen = {}
+    for mode in ("off", "teacher"):
+        w = tmp_path / mode
+        copy_stages(work, w, ["autoencoder", "text", "teacher", "cache", "init"])
+        cfg = apply_overrides(recipe("tiny"), [f"nitro.reg_multistep={mode}", "nitro.phase_steps=[1,5]"])
+        cfg.nitro.optim.log_every = 1
+        run(cfg, w, w / "model", ["nitro"])
+        rows = list(csv.DictReader((w / "nitro" / "metrics.csv").open()))
+        multi = [float(r["loss_reg"]) for r in rows if int(r["steps"]) > 1]
+        assert multi, "phase 2 drew no 2-step iteration"
+        seen[mode] = multi
+        assert all(np.isfinite(float(r["loss_reg"])) for r in rows if int(r["steps"]) == 1)
+    assert all(np.isnan(v) for v in seen["off"]) and all(np.isfinite(v) for v in seen["teacher"])

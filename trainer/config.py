@@ -201,10 +201,14 @@ class NitroConfig:
     # BENCHMARKS.md "Stage-3 sweep". adv_weight=0 is the control: the L2 term alone, no discriminator signal.
     adv_weight: float = 1.0
     reg_weight: float = 10.0
-    # The L2 term on k-step iterations too (k > 1), against the same teacher sample. Off: a k-step output depends
-    # on the fresh noise of each re-noising, so one teacher sample is not its target, and pulling it there cost
-    # the 1-step student 10 FID during phases 2-4 (46.2 -> 56.9, measured on this CPU).
-    reg_multistep: bool = False
+    # The L2 term on k-step iterations (k > 1). "off": none. "sample": against the cached teacher sample of the
+    # starting noise; a k-step output depends on the fresh noise of each re-noising, so that sample is not its
+    # target, and pulling it there cost the 1-step student 10 FID during phases 2-4 (46.2 -> 56.9, measured on
+    # this CPU). "teacher": against the teacher's own DPM-Solver sample from the student's last-step input (a
+    # well-posed target, +40% stage time): multi-step alignment rose (4 steps 53.4% -> 63.6%, FID 40.1 -> 41.7)
+    # but the 1-step student fell to FID 50.1 from 38.4, behind its init (this CPU, 2,000 images, 2026-11-26).
+    # The targets are at 1 step, so the default is off.
+    reg_multistep: str = "off"
     snapshot_every: int = 0  # also save the student as unet_step<N>/ every N iterations (0: never); for sweeps
     gradient_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=0, batch_size=16, lr=5e-5, warmup=0))
@@ -217,6 +221,7 @@ class NitroConfig:
         _check(self.reg_weight >= 0 and self.adv_weight >= 0, "nitro.reg_weight and nitro.adv_weight must be >= 0")
         _check(self.reg_weight + self.adv_weight > 0, "nitro: adv_weight and reg_weight cannot both be 0")
         _check(self.snapshot_every >= 0, "nitro.snapshot_every must be >= 0")
+        _check(self.reg_multistep in ("off", "sample", "teacher"), "nitro.reg_multistep: off, sample or teacher")
         _check(1 <= len(self.phase_steps) <= 4, "nitro.phase_steps: 1 to 4 entries (max steps 1..4)")
         self.optim.steps = sum(self.phase_steps)  # total iterations; the phases decide the step count
 

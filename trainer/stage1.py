@@ -42,13 +42,18 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_teacher(unet, text: TextEncoderWrapper, prompts: list[str], noise: torch.Tensor, steps: int,
-                   guidance: float) -> torch.Tensor:
-    """DPM-Solver++ with classifier-free guidance; noise (B, 4, h, w) N(0, I) -> x0 latents."""
+                   guidance: float, start: int | None = None) -> torch.Tensor:
+    """DPM-Solver++ with classifier-free guidance; noise (B, 4, h, w) N(0, I) -> x0 latents. `start`: begin from
+    a partly noised x_start at that timestep instead (`noise` is then x_start), `steps` evenly spaced down to 0."""
     from diffusers import DPMSolverMultistepScheduler
 
     sched = DPMSolverMultistepScheduler(**NOISE_SCHEDULE, prediction_type="epsilon", algorithm_type="dpmsolver++",
                                         solver_order=2, timestep_spacing="trailing")
-    sched.set_timesteps(steps, device=noise.device)
+    if start is None:
+        sched.set_timesteps(steps, device=noise.device)
+    else:
+        sched.set_timesteps(timesteps=[round(start - i * (start + 1) / steps) for i in range(steps)],
+                            device=noise.device)
     cond = text(prompts)
     uncond = text([""] * len(prompts))
     x = noise * sched.init_noise_sigma

@@ -24,15 +24,16 @@ from .config import TrainConfig
 from .discriminator import FrozenEncoder, HeadPool, d_loss, encoder_features, g_loss
 from .loop import Stage, autocast, set_lr
 from .models import alphas_cumprod, count_params
-from .stage1 import latent_pool, load_frozen
+from .stage1 import latent_pool, load_frozen, sample_teacher
 from .stage2 import cache_batch, load_cache
 
 PHASE1_DIR = "unet_phase1"  # snapshot of the student when phase 1 (one-step training) ends
 
 
 def student_x0(student, sampler: LCMSampler, noise: torch.Tensor, emb: torch.Tensor, steps: int, shift: int,
-               gen: torch.Generator, no_grad_model=None) -> torch.Tensor:
-    """k-step generation as inference does it; gradients only through the last step (bottom-up refinement)."""
+               gen: torch.Generator, no_grad_model=None, with_input: bool = False):
+    """k-step generation as inference does it; gradients only through the last step (bottom-up refinement).
+    with_input: also return the last step's input latents (detached), at noise level schedule.levels[-1]."""
     sched = sampler.schedule(steps, shift)
     b = noise.shape[0]
     x = noise
@@ -48,7 +49,8 @@ def student_x0(student, sampler: LCMSampler, noise: torch.Tensor, emb: torch.Ten
                 x = sampler.renoise(x0, [sched.levels[j + 1]] * b, z)
         else:
             eps = student(x, ts, encoder_hidden_states=emb).sample.float()
-            return sampler.denoise(x, eps, [t] * b)
+            x0 = sampler.denoise(x, eps, [t] * b)
+            return (x0, x.detach()) if with_input else x0
     raise AssertionError("unreachable")
 
 
@@ -66,6 +68,7 @@ def train_nitro(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], te
     frozen = load_frozen(frozen_dirs, dev)
     teacher = UNet2DConditionModel.from_pretrained(teacher_dir)
     encoder = FrozenEncoder(teacher).to(dev)
+    teacher.to(dev).eval().requires_grad_(False)  # shares its encoder's modules; the whole UNet for k-step targets
     text_cfg = frozen["text_encoder"].config
     latent = cfg.data.image_size // 8
     torch.manual_seed(cfg.run.seed)
@@ -116,7 +119,7 @@ def train_nitro(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], te
 
         # Fakes start from fresh noise, or (reg_weight > 0) from cached teacher noises, whose samples are targets.
         pair_noise, target, prompts = cache_batch(cache, gen, b)
-        reg = c.reg_weight if steps == 1 or c.reg_multistep else 0.0
+        reg = c.reg_weight if steps == 1 or c.reg_multistep != "off" else 0.0
         noise = pair_noise.to(dev) if c.reg_weight else torch.randn(target.shape, generator=gen).to(dev)
         if c.real == "data":
             pick = torch.randint(len(reals["prompts"]), (b,), generator=gen)
@@ -130,7 +133,14 @@ def train_nitro(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], te
 
         # 2-3. Generator step.
         with autocast(accelerator):
-            fake = student_x0(student, sampler, noise, emb, steps, c.shift, gen, no_grad_model=raw_student)
+            fake, last_in = student_x0(student, sampler, noise, emb, steps, c.shift, gen, no_grad_model=raw_student,
+                                       with_input=True)
+            if reg and steps > 1 and c.reg_multistep == "teacher":
+                # The teacher's answer for the student's own re-noised input: a well-posed k-step target.
+                level = sampler.schedule(steps, c.shift).levels[-1]
+                target = sample_teacher(teacher, frozen["text"], prompts, last_in,
+                                        max(2, round(cfg.teacher.sample_steps * level / 1000)),
+                                        cfg.teacher.guidance_scale, start=level).float()
             feats = encoder_features(encoder, fake, t_star, emb, uncond, tasks, c.pool.crop_fraction, abar, gen)
             # The heads are only judges here: run them outside DDP's gradient sync; their grads are dropped.
             with accelerator.no_sync(pool) if multi else torch.enable_grad():
