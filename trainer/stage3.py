@@ -68,7 +68,8 @@ def train_nitro(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], te
     frozen = load_frozen(frozen_dirs, dev)
     teacher = UNet2DConditionModel.from_pretrained(teacher_dir)
     encoder = FrozenEncoder(teacher).to(dev)
-    teacher.to(dev).eval().requires_grad_(False)  # shares its encoder's modules; the whole UNet for k-step targets
+    if c.reg_multistep == "teacher":  # the whole teacher (its decoder too) only where it makes k-step targets
+        teacher.to(dev).eval().requires_grad_(False)
     text_cfg = frozen["text_encoder"].config
     latent = cfg.data.image_size // 8
     torch.manual_seed(cfg.run.seed)
