@@ -123,6 +123,13 @@ def prepare(base: Path, folder: Path, overrides: list[str]) -> list[str]:
     return [s for s in ("cache", "init") if s in rebuild] + ["nitro"]
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a training or scoring process: this tree importable, and (many runs share the machine)
+    a few CPU threads each rather than one per core each."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+
+
 def train(name: str, args, log) -> int:
     folder = args.out / "runs" / name
     overrides = VARIANTS[name]
@@ -134,9 +141,7 @@ def train(name: str, args, log) -> int:
               f"nitro.optim.checkpoint_every={10**9}", f"run.device={args.device}",
               f"run.mixed_precision={args.precision}", *args.set]:
         cmd += ["--set", o]
-    # Many runs share the machine: a few CPU threads each, not one per core each.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = child_env()
     t0 = time.monotonic()
     with open(folder / "train.log", "w") as f:
         try:
@@ -245,8 +250,7 @@ def main() -> int:
                "--model", str(args.model), "--recipe", args.recipe, "--images", str(args.images),
                "--device", args.device, "--every", str(args.every), "--train-exit", str(rc)]
         try:
-            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-            subprocess.run(cmd, check=False, cwd=ROOT, timeout=args.score_timeout, env=env)
+            subprocess.run(cmd, check=False, cwd=ROOT, timeout=args.score_timeout, env=child_env())
         except subprocess.TimeoutExpired:
             log(f"[sweep] {name}: scoring cut off after {args.score_timeout:.0f} s")
         path = folder / "scores.json"
