@@ -107,3 +107,23 @@ def test_config_json_roundtrip_overrides_and_validation(tmp_path):
         apply_overrides(cfg, ["teacher.nope=1"])
     with pytest.raises(ValueError, match="nitro.pool.tasks"):
         apply_overrides(cfg, ["nitro.pool.tasks=[\"everything\"]"])
+
+
+def test_learning_rate_warms_up_holds_then_decays_over_the_last_decay_steps():
+    import torch
+
+    from trainer.config import OptimConfig
+    from trainer.loop import set_lr
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    const = OptimConfig(steps=100, lr=1e-3, warmup=10)
+    wsd = OptimConfig(steps=100, lr=1e-3, warmup=10, decay_steps=40)
+    assert set_lr(opt, const, 4) == pytest.approx(5e-4) == set_lr(opt, wsd, 4)  # the same warm-up
+    assert set_lr(opt, const, 99) == pytest.approx(1e-3)
+    assert set_lr(opt, wsd, 59) == pytest.approx(1e-3)  # stable until the last 40 steps
+    assert set_lr(opt, wsd, 80) == pytest.approx(5e-4)  # half-way down the cosine
+    assert set_lr(opt, wsd, 100) == pytest.approx(0.0, abs=1e-12) and opt.param_groups[0]["lr"] == 0.0
+    short = OptimConfig(steps=20, lr=1e-3, warmup=0, decay_steps=40)  # `--set ...steps=20`: the whole run decays
+    assert set_lr(opt, short, 10) == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match="decay_steps"):
+        OptimConfig(decay_steps=-1)

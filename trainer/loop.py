@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -55,8 +56,11 @@ def shared_generator(seed: int, stage: str, step: int) -> torch.Generator:
 
 
 def set_lr(optimizer, cfg: OptimConfig, step: int, base_lr: float | None = None) -> float:
-    """Linear warm-up, then constant."""
+    """Linear warm-up, constant, then (cfg.decay_steps > 0) a half-cosine decay to 0 over the last decay_steps."""
     lr = (base_lr or cfg.lr) * min(1.0, (step + 1) / max(1, cfg.warmup))
+    decay = min(cfg.decay_steps, cfg.steps)  # an override that shortens the run keeps a decaying tail
+    if decay and step >= cfg.steps - decay:
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.steps + decay) / decay)))
     for g in optimizer.param_groups:
         g["lr"] = lr
     return lr
