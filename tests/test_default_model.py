@@ -36,3 +36,11 @@ def test_bundled_student_follows_prompts_at_one_step():
     assert score >= MIN_ALIGNMENT, (score, per)
     assert per["background"] >= 0.9, per
 
+
+
+def test_bundled_model_was_trained_by_the_documented_recipe():
+    """`nitrofusion train --recipe shapes` must reproduce models/default: a recipe default changed without
+    retraining (or a model retrained with overrides) fails here."""
+    from trainer.config import TrainConfig
+
+    assert TrainConfig.load(default_model_dir() / "train_config.json") == recipe("shapes")
