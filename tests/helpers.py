@@ -5,6 +5,7 @@ CPU the default backend (onnxruntime) exports a model on first use, and that exp
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -15,6 +16,16 @@ from pathlib import Path
 import httpx
 
 CLI = str(Path(sys.executable).parent / "nitrofusion")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(relpath: str):
+    """Import a repository script that is not in a package (bench/*.py, docker/*.py) as a module."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _env(extra: dict | None) -> dict:

@@ -7,10 +7,10 @@ from PIL import Image
 
 from nitrofusion.generation import GenerationRequest
 from nitrofusion.pipeline import default_model_dir, load_pipeline
-from trainer.config import recipe
+from trainer.config import TrainConfig, recipe
 from trainer.evaluate import SEED0, alignment, eval_set
 
-from .helpers import run_cli
+from .helpers import load_script, run_cli
 
 pytestmark = pytest.mark.skipif(default_model_dir() is None, reason="models/default is not in this checkout")
 MIN_ALIGNMENT = 0.55  # measured 41/64 = 0.641 on these images (EVAL.md, 2000 images: 0.630); margin for float noise
@@ -37,26 +37,16 @@ def test_bundled_student_follows_prompts_at_one_step():
     assert per["background"] >= 0.9, per
 
 
-
 def test_bundled_model_was_trained_by_the_documented_recipe():
     """`nitrofusion train --recipe shapes` must reproduce models/default: a recipe default changed without
     retraining (or a model retrained with overrides) fails here."""
-    from trainer.config import TrainConfig
-
     assert TrainConfig.load(default_model_dir() / "train_config.json") == recipe("shapes")
 
 
 def test_bundled_autoencoder_reconstructions_pass_the_detector_and_small_checkered_ones_fail_most():
     """bench/autoencoder_recon.py on 60 images: the README's ceiling figures (81.5% on 400) come from it.
     Measured 51/60; every large solid object passes, small checkered ones are where it breaks (4/10)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "autoencoder_recon.py"
-    spec = importlib.util.spec_from_file_location("autoencoder_recon", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    hits, groups, passed = mod.reconstruct(default_model_dir() / "vae", 60, 64)
+    hits, groups, passed = load_script("bench/autoencoder_recon.py").reconstruct(default_model_dir() / "vae", 60, 64)
     assert sum(groups.values()) == 60
     assert 45 <= hits["all"] <= 57
     assert passed[("large", "solid")] == groups[("large", "solid")]

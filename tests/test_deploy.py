@@ -8,7 +8,6 @@ The linters and validators themselves run in .ci/checks.sh.
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import os
 import re
 import shlex
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from .helpers import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = {"gpu": ROOT / "docker" / "Dockerfile.gpu", "cpu": ROOT / "docker" / "Dockerfile.cpu"}
@@ -189,13 +190,6 @@ def server_settings_fields() -> dict:
 def server_routes() -> set[str]:
     pattern = re.compile(r"\.(?:get|post|put|delete|api_route|websocket)\(\s*[\"'](/[^\"']*)[\"']")
     return {m for path in (ROOT / "server").rglob("*.py") for m in pattern.findall(path.read_text())}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "docker" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------- contract
@@ -389,7 +383,7 @@ def test_dockerignore_keeps_what_the_images_need_and_drops_secrets():
 
 
 def test_image_requirements_drop_the_image_packages_and_pin_them():
-    mod = load_script("image_requirements.py")
+    mod = load_script("docker/image_requirements.py")
     kept = mod._names([dockerfile("gpu").stage_args()["FROM_IMAGE"]])
     lines = mod.read_requirements(ROOT / "requirements.txt", {"deploy.txt"})
     keep, dropped = mod.split(lines, {mod.canonical(n) for n in kept})
@@ -413,7 +407,7 @@ def test_image_requirements_drop_the_image_packages_and_pin_them():
 
 
 def test_image_requirements_command(tmp_path, capsys):
-    mod = load_script("image_requirements.py")
+    mod = load_script("docker/image_requirements.py")
     out = tmp_path / "constraints.txt"
     assert mod.main(["--skip", "deploy.txt,dev.txt", "--from-image", "torch, triton", "--constraints", str(out),
                      str(ROOT / "requirements.txt")]) == 0

@@ -1,19 +1,13 @@
 """bench/nitro_sweep.py: variant folders reuse the base's stages they do not change, and every variant's
 overrides are valid config."""
 
-import importlib.util
-from pathlib import Path
-
 from trainer.config import apply_overrides, recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import load_script
 
 
 def sweep_module():
-    spec = importlib.util.spec_from_file_location("nitro_sweep", ROOT / "bench" / "nitro_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/nitro_sweep.py")
 
 
 def test_every_variant_is_valid_config():
