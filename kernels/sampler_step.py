@@ -1,6 +1,6 @@
 """The LCM sampler step for all rows at once: x0 from the model output, boundary scalings, re-noise.
 
-Matches `nitrofusion.sampler.LCMSampler.denoise` followed by `.renoise` (or no re-noise after a row's last
+Matches `nitrofusion.sampler.LCMSampler.step` (denoise, then re-noise, or no re-noise after a row's last
 step) element for element: the per-row coefficients are computed by the sampler's own code on the host,
 and the kernel does the same fp32 operations in the same order without fused multiply-adds.
 """
@@ -33,13 +33,8 @@ def step_coefficients(sampler, timesteps: list[int], next_levels: list[int],
 
 def lcm_step_ref(sampler, sample: torch.Tensor, model_output: torch.Tensor, timesteps: list[int],
                  next_levels: list[int], noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference: per row, denoised = LCMSampler.denoise; x_next = renoise(denoised) or denoised."""
-    denoised = sampler.denoise(sample, model_output, timesteps)
-    nxt = denoised.clone()
-    for i, lvl in enumerate(next_levels):
-        if lvl >= 0:
-            nxt[i : i + 1] = sampler.renoise(denoised[i : i + 1], [lvl], noise[i : i + 1])
-    return denoised, nxt
+    """The reference: `LCMSampler.step` (denoise, then re-noise each row to its next level, or x0 after its last)."""
+    return sampler.step(sample, model_output, timesteps, next_levels, noise)
 
 
 if triton is not None:

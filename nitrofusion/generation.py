@@ -83,15 +83,17 @@ def step_rows(backend: Backend, sampler: LCMSampler, rows: list[Row], pad_to: in
         timesteps = timesteps + [timesteps[-1]] * extra
         cond = Conditioning.cat([cond] + [cond.row(n - 1)] * extra)
     eps = backend.unet(latents, timesteps, cond)[:n].to(rows[0].latents.device)
-    denoised = sampler.denoise(latents[:n], eps, timesteps[:n])  # (B, C, h, w)
+    next_levels = [r.schedule.next_level(r.step) for r in rows]
+    noise = None
+    if any(lvl >= 0 for lvl in next_levels):
+        # Each row draws from its own CPU generator in the reference order (one draw per re-noise), so a seed
+        # gives the same image alone or in any batch; finishing rows draw nothing and get zeros.
+        noise = torch.cat([torch.randn(r.latents.shape, generator=r.generator, dtype=torch.float32) if lvl >= 0
+                           else torch.zeros(r.latents.shape) for r, lvl in zip(rows, next_levels)])
+    x0, x_next = sampler.step(latents[:n], eps, timesteps[:n], next_levels, noise)
     for i, row in enumerate(rows):
-        row.x0 = denoised[i : i + 1]
-        nxt = row.schedule.next_level(row.step)
-        if nxt >= 0:
-            noise = torch.randn(row.latents.shape, generator=row.generator, dtype=torch.float32)
-            row.latents = sampler.renoise(row.x0, [nxt], noise)
-        else:
-            row.latents = row.x0
+        row.x0 = x0[i : i + 1]
+        row.latents = x_next[i : i + 1]
         row.step += 1
 
 

@@ -112,6 +112,25 @@ class LCMSampler:
             x0 = model_output
         return per_row(c_out) * x0 + per_row(c_skip) * sample
 
+    def step(self, sample: torch.Tensor, model_output: torch.Tensor, timesteps: list[int], next_levels: list[int],
+             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One LCM step for every row: (x0, x_next). Denoise at each row's model timestep, then re-noise x0 to
+        the row's next *unshifted* level with that row's noise; a row whose next level is -1 (its last step)
+        gets x_next = x0 exactly. The one place this maths lives: the engine's step loop, the trainer and the
+        Triton `sampler_step` kernel's reference all call it. `noise` (B, C, h, w) is needed when any row
+        re-noises; its rows for finishing rows are ignored."""
+        if len(timesteps) != sample.shape[0] or len(next_levels) != sample.shape[0]:
+            raise ValueError(f"need one timestep and one next level per row ({sample.shape[0]})")
+        x0 = self.denoise(sample, model_output, timesteps)  # (B, C, h, w)
+        has_next = torch.tensor(next_levels) >= 0  # (B,)
+        if not has_next.any():
+            return x0, x0
+        if noise is None or noise.shape != sample.shape:
+            raise ValueError("rows that re-noise need noise shaped like the sample")
+        renoised = self.renoise(x0, [max(lvl, 0) for lvl in next_levels], noise.to(x0.device, x0.dtype))
+        keep = has_next.to(x0.device).view(-1, *([1] * (x0.ndim - 1)))
+        return x0, torch.where(keep, renoised, x0)
+
     def renoise(self, denoised: torch.Tensor, levels: list[int], noise: torch.Tensor) -> torch.Tensor:
         """x_next = sqrt(abar[t_next]) * x0 + sqrt(1 - abar[t_next]) * z, per row."""
         alpha = self.alphas_cumprod[torch.tensor(levels, dtype=torch.long)]  # (B,)

@@ -44,9 +44,8 @@ def student_x0(student, sampler: LCMSampler, noise: torch.Tensor, emb: torch.Ten
         if j < steps - 1:
             with torch.no_grad():
                 eps = frozen_call(x, ts, encoder_hidden_states=emb).sample.float()
-                x0 = sampler.denoise(x, eps, [t] * b)
                 z = torch.randn(x.shape, generator=gen).to(x.device)
-                x = sampler.renoise(x0, [sched.levels[j + 1]] * b, z)
+                _, x = sampler.step(x, eps, [t] * b, [sched.next_level(j)] * b, z)
         else:
             eps = student(x, ts, encoder_hidden_states=emb).sample.float()
             x0 = sampler.denoise(x, eps, [t] * b)
