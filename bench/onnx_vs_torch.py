@@ -33,7 +33,7 @@ def bench(model_dir: Path, family_note: str, size: int | None, repeats: int, thr
 
     onnx_dir = work / "onnx"
     export_onnx(model_dir, onnx_dir, precisions=("fp32",), progress=False)
-    from export.artifacts import load_exported_model
+    from nitrofusion.artifacts.exported import load_exported_model
     from nitrofusion.backends.onnxruntime_backend import OnnxRuntimeBackend
     from nitrofusion.pipeline import Pipeline
 

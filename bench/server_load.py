@@ -30,7 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 # The installed console script, else the module (the GPU machine runs from a source tree, nothing installed).
 _SCRIPT = Path(sys.executable).parent / "nitrofusion"
-CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "nitrofusion.cli"]
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cli.main"]
 
 
 def save_standin_model(path: Path) -> Path:

@@ -16,10 +16,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from nitrofusion.artifacts.manifest import MANIFEST_NAME, check_files, hash_folder, read_manifest, sha256_file
 from nitrofusion.errors import ModelLoadError
 
 from .hash_memo import HashMemo
-from .manifest import MANIFEST_NAME, check_files, exporter_versions, hash_folder, read_manifest, sha256_file
+from .versions import exporter_versions
 
 log = logging.getLogger(__name__)
 

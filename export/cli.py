@@ -30,8 +30,10 @@ def run_export(args: argparse.Namespace) -> int:
               f"{manifest.opset}); use it as --model {out}")
         return 0
     if args.format == "tensorrt":
+        from nitrofusion.artifacts.engines import require_tensorrt
+
         from .onnx_export import export_onnx
-        from .tensorrt_build import build_engines, require_tensorrt
+        from .tensorrt_build import build_engines
         from .tensorrt_plan import PRECISION_FLAGS, parse_sizes
 
         precision = args.precision or "fp16"
@@ -45,9 +47,9 @@ def run_export(args: argparse.Namespace) -> int:
             raise InvalidRequest("buckets", f"{args.buckets!r} is not a comma-separated list of batch sizes") from None
         require_tensorrt()  # before the slow ONNX export
         if buckets is None:
-            from nitrofusion.engine import EngineConfig
+            from nitrofusion.scheduler import DEFAULT_BUCKETS
 
-            buckets = list(EngineConfig().buckets)
+            buckets = list(DEFAULT_BUCKETS)
         export_onnx(args.model, out / "onnx", unet_file=args.unet, precisions=("fp32",))
         engines = build_engines(out / "onnx", out, buckets, sizes, precision)
         print(f"wrote {len(engines.engines)} TensorRT engines ({precision}, buckets "

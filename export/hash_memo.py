@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .manifest import sha256_file
+from nitrofusion.artifacts.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 

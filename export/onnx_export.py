@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nitrofusion.artifacts.manifest import ComponentEntry, Manifest, hash_folder, sha256_file
 from nitrofusion.errors import NitroError
 from nitrofusion.models import LoadedModel, load_model
 
 from .components import ComponentSpec, component_specs
-from .manifest import OPSET, ComponentEntry, Manifest, exporter_versions, hash_folder, sha256_file
 from .verify import verify
+from .versions import OPSET, exporter_versions
 
 PRECISIONS = ("fp32", "fp16")
 _FP16_EXTERNAL = 3 << 29  # 1.5 GiB: keep well below protobuf's 2 GiB limit for one file

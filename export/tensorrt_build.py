@@ -13,22 +13,25 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nitrofusion.errors import NitroError
-
-from .manifest import Manifest, read_manifest, sha256_file
-from .tensorrt_plan import (
+from nitrofusion.artifacts.engines import (
     ENGINE_MANIFEST,
-    PRECISION_FLAGS,
     EngineManifest,
     EngineRecord,
-    GpuInfo,
     Profile,
-    batch_profiles,
+    component_profiles,
+    plan_profiles,
+    require_tensorrt,
+)
+from nitrofusion.artifacts.manifest import Manifest, read_manifest, sha256_file
+from nitrofusion.errors import NitroError
+
+from .tensorrt_plan import (
+    PRECISION_FLAGS,
+    GpuInfo,
     component_precision,
     engine_cache_key,
     engine_key_inputs,
     engine_problem,
-    plan_profiles,
 )
 
 log = logging.getLogger(__name__)
@@ -36,35 +39,11 @@ WORKSPACE_BYTES = 8 << 30
 TIMING_CACHE = "timing.cache"
 
 
-class TensorRTUnavailable(NitroError):
-    """TensorRT or a CUDA GPU is missing."""
-
-
-def require_tensorrt():
-    """The tensorrt module, or a one-line error saying how to get it."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise TensorRTUnavailable(
-            "TensorRT is not installed here: --backend tensorrt and --format tensorrt need the tensorrt Python "
-            "package (TensorRT 10) and a CUDA GPU; use the GPU Docker image (docker/Dockerfile.gpu)"
-        ) from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailable("TensorRT needs a CUDA GPU and this machine has none (torch sees no CUDA device)")
-    return trt
-
-
 def gpu_info(device: int = 0) -> GpuInfo:
     import torch
 
     major, minor = torch.cuda.get_device_capability(device)
     return GpuInfo(torch.cuda.get_device_name(device), f"{major}.{minor}")
-
-
-def component_profiles(name: str, profiles: list[Profile]) -> list[Profile]:
-    return batch_profiles(profiles) if name.startswith("text_encoder") else profiles
 
 
 def build_engine(trt, onnx_path: Path, engine_path: Path, inputs: dict[str, dict], profiles: list[Profile],

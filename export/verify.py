@@ -7,14 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nitrofusion.errors import NitroError
+from nitrofusion.errors import ExportVerificationError
 
 # Max |onnx - torch| allowed, relative to max(1, max |torch output|). fp16 rounds weights and activations.
 TOLERANCES = {"fp32": 1e-3, "fp16": 5e-2}
-
-
-class ExportVerificationError(NitroError):
-    """An exported graph disagrees with torch past the tolerance: the export is not used."""
 
 
 def cpu_session(path: Path):

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from ._common import available, interpreting
-from .cuda_graphs import DEFAULT_BUCKETS, CudaGraphCapturer, GraphCache
+from .cuda_graphs import CudaGraphCapturer, GraphCache
 from .patch import PatchHandle, patch_unet, patch_vae_decoder
 from .postprocess import to_uint8 as fused_to_uint8
 
-VAE_BUCKETS = (1, 2, 4, 8)  # bigger decode batches run eagerly (a b16 1024^2 decoder graph is tens of GB)
+VAE_MAX_GRAPH_BATCH = 8  # bigger decode batches run eagerly (a b16 1024^2 decoder graph is tens of GB)
 
 
 def _env_flag(name: str) -> bool | None:
@@ -57,6 +57,7 @@ def resolve_cuda_graphs(cuda_graphs: bool | None, device: torch.device) -> bool:
 class Accelerator:
     kernels: bool = False
     cuda_graphs: bool = False
+    buckets: tuple[int, ...] = ()  # the engine's batch buckets, passed down by the backend
     handles: list[PatchHandle] = field(default_factory=list)
     unet_graphs: GraphCache | None = None
     vae_graphs: GraphCache | None = None
@@ -70,9 +71,11 @@ class Accelerator:
         return self.kernels or self.cuda_graphs
 
     @classmethod
-    def for_backend(cls, backend: Any, kernels: bool | None = None, cuda_graphs: bool | None = None,
-                    buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> Accelerator:
-        acc = cls(resolve_kernels(kernels, backend.device), resolve_cuda_graphs(cuda_graphs, backend.device))
+    def for_backend(cls, backend: Any, buckets: tuple[int, ...], kernels: bool | None = None,
+                    cuda_graphs: bool | None = None) -> Accelerator:
+        """`buckets`: the engine's batch buckets (passed down from the settings), one graph per bucket."""
+        acc = cls(resolve_kernels(kernels, backend.device), resolve_cuda_graphs(cuda_graphs, backend.device),
+                  tuple(buckets))
         model = backend.model
         acc._unet, acc._vae = model.unet, model.vae
         # The backend decides what each encoder returns (family-specific); graphs only replay it.
@@ -81,15 +84,19 @@ class Accelerator:
             acc.handles.append(patch_unet(model.unet))
             acc.handles.append(patch_vae_decoder(model.vae))
         if acc.cuda_graphs:
-            acc.build_graphs(buckets, CudaGraphCapturer())  # one memory pool for the UNet and decoder graphs
+            # The decoder's graphs get their own memory pool: the engine replays them on a decode stream while
+            # the next UNet step replays on the main one, and two graphs running at once must not share a pool.
+            acc.build_graphs(CudaGraphCapturer(), CudaGraphCapturer())
         return acc
 
-    def build_graphs(self, buckets: tuple[int, ...], capturer) -> None:
-        """Route the UNet and decoder(+postprocess) calls through graph caches (tests pass a fake capturer)."""
+    def build_graphs(self, capturer, decode_capturer=None) -> None:
+        """Route the UNet, decoder(+postprocess) and text-encoder calls through graph caches, one graph per
+        declared bucket (tests pass a fake capturer). `decode_capturer`: the decoder graphs' own (pool)."""
+        buckets = self.buckets
         self.cuda_graphs = True
         self.unet_graphs = GraphCache(self._unet_eager, buckets, "unet", capturer)
-        vae_buckets = tuple(b for b in VAE_BUCKETS if b <= buckets[-1]) or (buckets[0],)
-        self.vae_graphs = GraphCache(self._decode_eager, vae_buckets, "vae", capturer)
+        vae_buckets = tuple(b for b in buckets if b <= VAE_MAX_GRAPH_BATCH) or (buckets[0],)
+        self.vae_graphs = GraphCache(self._decode_eager, vae_buckets, "vae", decode_capturer or capturer)
         # SDXL's two text encoders took 16.5 ms eager of an 84.8 ms 1024^2 image on an H100 (BENCHMARKS.md).
         self.text_graphs = [GraphCache(fn, buckets, f"text_encoder_{i}", capturer)
                             for i, fn in enumerate(self._text_fns)]
@@ -128,24 +135,28 @@ class Accelerator:
         image = self._vae.decode(z, return_dict=False)[0]
         return fused_to_uint8(image) if self.kernels else _to_uint8_torch(image)
 
+    def decode_device(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 on the device, on the current stream (the backend's decode stream when overlapping)."""
+        return self.vae_graphs(z) if self.vae_graphs is not None else self._decode_eager(z)
+
     def decode(self, z: torch.Tensor) -> np.ndarray:
-        out = self.vae_graphs(z) if self.vae_graphs is not None else self._decode_eager(z)
-        return out.cpu().numpy()
+        return self.decode_device(z).cpu().numpy()
+
+    def to_uint8_device(self, image: torch.Tensor) -> torch.Tensor:
+        return fused_to_uint8(image) if self.kernels else _to_uint8_torch(image)
 
     def to_uint8(self, image: torch.Tensor) -> np.ndarray:
-        return (fused_to_uint8(image) if self.kernels else _to_uint8_torch(image)).cpu().numpy()
+        return self.to_uint8_device(image).cpu().numpy()
 
-    def warm_up(self, pipeline: Any, sizes: list[tuple[int, int]], buckets: tuple[int, ...] | None = None) -> int:
+    def warm_up(self, run, sizes: list[tuple[int, int]], buckets: tuple[int, ...] | None = None) -> int:
         """Capture the graphs (and compile the Triton kernels) for every (width, height) x bucket before
-        serving, so no request pays for a capture: one 1-step generation per case. Returns the number run."""
-        from nitrofusion.generation import GenerationRequest
-
-        buckets = buckets or (self.unet_graphs.buckets if self.unet_graphs is not None else DEFAULT_BUCKETS)
+        serving, so no request pays for a capture: `run(width, height, batch)` makes one 1-step generation of
+        `batch` images. Returns the number of runs."""
+        buckets = buckets or self.unet_graphs.buckets
         runs = 0
         for width, height in sizes:
             for b in buckets:
-                reqs = [GenerationRequest(f"warm-up {i}", 1, seed=i, width=width, height=height) for i in range(b)]
-                pipeline(reqs)
+                run(width, height, b)
                 runs += 1
         return runs
 

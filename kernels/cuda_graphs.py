@@ -22,24 +22,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16)  # the engine's EngineConfig.buckets: one list drives padding and graphs
-
-
-def choose_bucket(n: int, buckets: Sequence[int]) -> int | None:
-    """The smallest bucket that holds n rows, or None when n exceeds the largest."""
-    if n < 1:
-        raise ValueError(f"need at least one row, got {n}")
-    for b in buckets:
-        if b >= n:
-            return b
-    return None
-
-
-def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
-    b = tuple(int(x) for x in buckets)
-    if not b or any(x < 1 for x in b) or list(b) != sorted(set(b)):
-        raise ValueError(f"buckets must be distinct positive batch sizes in increasing order, got {buckets}")
-    return b
+# The bucket list is not declared here: the engine's (nitrofusion.scheduler.DEFAULT_BUCKETS, or the server's
+# --buckets) is passed down by the torch backend, so padding and graph capture always agree.
 
 
 Key = tuple[int, tuple[tuple[tuple[int, ...], torch.dtype, str], ...]]
@@ -111,7 +95,7 @@ class GraphCache:
     """Replay `fn(*batch_first_tensors)` from a CUDA graph per (bucket, shapes). See the module docstring."""
 
     fn: Callable[..., Any]
-    buckets: Sequence[int] = DEFAULT_BUCKETS
+    buckets: Sequence[int]
     name: str = "graph"
     capturer: Callable[[Callable[..., Any], StaticBuffers], tuple[tuple[torch.Tensor, ...], Callable]] | None = None
     enabled: bool = True
@@ -120,7 +104,9 @@ class GraphCache:
     eager_calls: int = 0
 
     def __post_init__(self):
-        self.buckets = check_buckets(self.buckets)
+        self.buckets = tuple(int(b) for b in self.buckets)
+        if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be distinct positive batch sizes in increasing order, got {self.buckets}")
         if self.capturer is None:
             self.capturer = CudaGraphCapturer()
 
@@ -130,7 +116,7 @@ class GraphCache:
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         n = inputs[0].shape[0]
-        bucket = choose_bucket(n, self.buckets)
+        bucket = next((b for b in self.buckets if b >= n), None)  # the smallest that holds n rows
         device_type = getattr(self.capturer, "device_type", None)  # None: the capturer takes any device
         if not self.enabled or bucket is None or device_type not in (None, inputs[0].device.type):
             return self._eager(inputs)

@@ -28,7 +28,8 @@ def step_coefficients(sampler, timesteps: list[int], next_levels: list[int],
     alpha_n = sampler.alphas_cumprod[nxt.clamp(min=0)]
     a = torch.where(has_next, alpha_n.sqrt(), torch.ones_like(alpha_n))
     b = torch.where(has_next, (1 - alpha_n).sqrt(), torch.zeros_like(alpha_n))
-    return torch.stack([alpha.sqrt(), beta.sqrt(), c_skip, c_out, a, b]).to(device)
+    # non_blocking: the engine launches this step right behind the UNet call and must not wait for it
+    return torch.stack([alpha.sqrt(), beta.sqrt(), c_skip, c_out, a, b]).to(device, non_blocking=True)
 
 
 def lcm_step_ref(sampler, sample: torch.Tensor, model_output: torch.Tensor, timesteps: list[int],

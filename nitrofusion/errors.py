@@ -16,3 +16,7 @@ class InvalidRequest(NitroError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class ExportVerificationError(NitroError):
+    """An exported graph disagrees with torch past the tolerance: the export is not used (export/verify.py)."""

@@ -59,3 +59,12 @@ def check_prompt(prompt: str, count_tokens, max_tokens: int) -> None:
         raise InvalidRequest(
             "prompt", f"is {n} tokens long; the text encoder reads at most {max_tokens} (shorten it)"
         )
+
+
+DECODERS = ("full", "fast")
+
+
+def check_decoder(decoder: str) -> None:
+    """full: the model's VAE decoder; fast: its tiny decoder (vae_preview/), checked per model by the backend."""
+    if decoder not in DECODERS:
+        raise InvalidRequest("decoder", f"must be one of {', '.join(DECODERS)}, got {decoder!r}")

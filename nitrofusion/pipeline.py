@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .backends.torch_backend import TorchBackend, resolve_device_dtype
+from .artifacts.builder import ArtifactBuilder
+from .backends.base import Backend
+from .backends.select import load_backend
 from .errors import NitroError
 from .generation import GenerationRequest, generate
-from .limits import SizeLimits, check_prompt, check_seed, check_size, check_steps
-from .models import LoadedModel, load_model
+from .limits import SizeLimits, check_decoder, check_prompt, check_seed, check_size, check_steps
+from .models import LoadedModel
 from .sampler import LCMSampler
-
-log = logging.getLogger(__name__)
+from .scheduler import DEFAULT_BUCKETS
+from .tokens import TokenCounter
 
 
 def default_model_dir() -> Path | None:
@@ -27,8 +28,14 @@ def default_model_dir() -> Path | None:
 @dataclass
 class Pipeline:
     model: LoadedModel
-    backend: TorchBackend
+    backend: Backend
     sampler: LCMSampler
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # what the backend captured graphs / built engines for
+    tokens: TokenCounter | None = None  # its own tokenizer copies: validation runs off the engine thread
+
+    def __post_init__(self) -> None:
+        if self.tokens is None:
+            self.tokens = TokenCounter(self.model.tokenizers)
 
     @property
     def shift(self) -> int:
@@ -40,26 +47,42 @@ class Pipeline:
 
     def validate(self, req: GenerationRequest) -> None:
         """Raise InvalidRequest naming the first bad field."""
-        check_prompt(req.prompt, self.backend.count_tokens, self.model.max_prompt_tokens)
+        check_prompt(req.prompt, self.tokens.count, self.model.max_prompt_tokens)
         check_steps(req.steps)
         check_seed(req.seed)
         check_size("width", req.width, self.size_limits)
         check_size("height", req.height, self.size_limits)
-        backend_check = getattr(self.backend, "check_request", None)
-        if backend_check is not None:
-            backend_check(req)  # e.g. TensorRT: a size outside every engine profile
+        check_decoder(req.decoder)
+        self.backend.check_request(req)  # e.g. TensorRT: a size outside every engine profile
 
     def __call__(self, requests: list[GenerationRequest]) -> list[np.ndarray]:
         for r in requests:
             self.validate(r)
         return generate(self.backend, self.sampler, requests, self.shift)
 
+    def warm_up(self, sizes: list[tuple[int, int]] | None = None) -> int:
+        """Pay first-call costs before serving: with CUDA graphs, a capture for every size x declared bucket;
+        otherwise one 1-step image at the native size. Returns the number of generations run."""
+        native = self.model.native_size
+        sizes = sizes or [(native, native)]
+
+        def run(width: int, height: int, batch: int) -> None:
+            self([GenerationRequest(f"warm-up {i}", 1, i, width, height) for i in range(batch)])
+
+        runs = self.backend.warm_up(run, sizes, self.buckets)
+        if runs == 0:
+            run(*sizes[0], 1)
+            runs = 1
+        return runs
+
 
 def load_pipeline(model_dir: str | Path | None, unet_file: str | Path | None = None, shift: int | None = None,
-                  device: str | None = None, dtype: str | None = None, backend: str | None = None) -> Pipeline:
+                  device: str | None = None, dtype: str | None = None, backend: str | None = None,
+                  buckets: tuple[int, ...] | None = None, builder: ArtifactBuilder | None = None) -> Pipeline:
     """backend: torch | onnxruntime | tensorrt. None (auto): what an export folder was made for; else
-    onnxruntime on the CPU (fp32; the first load exports the folder to ONNX into the cache, export/cache.py),
-    torch on CUDA (see backends/select.py: resolve_backend_name)."""
+    onnxruntime on the CPU (fp32; with a `builder`, export/builder.py, the first load exports the folder to ONNX
+    into the cache), torch on CUDA (backends/select.py). `buckets`: the engine's batch buckets, passed down to
+    CUDA-graph capture and TensorRT profiles (default nitrofusion.scheduler.DEFAULT_BUCKETS)."""
     if model_dir is None:
         model_dir = default_model_dir()
         if model_dir is None:
@@ -67,25 +90,6 @@ def load_pipeline(model_dir: str | Path | None, unet_file: str | Path | None = N
                 "no --model given and no bundled default model in this checkout yet: "
                 "pass --model DIR, NITRO_MODEL=DIR or `make run MODEL=DIR` (a local diffusers folder, e.g. SDXL base)"
             )
-    from .backends.select import load_backend, resolve_backend_name
-
-    name = resolve_backend_name(backend, model_dir, device, dtype)
-    if name != "torch":
-        from export.manifest import is_export_dir
-        from export.verify import ExportVerificationError
-
-        try:
-            model, runtime = load_backend(name, model_dir, unet_file, shift, device, dtype)
-        except (OSError, ExportVerificationError) as e:
-            if backend is not None or is_export_dir(model_dir):
-                raise
-            # Auto picked onnxruntime for a diffusers folder, but its export cannot be written (read-only
-            # home, full disk) or does not match torch: torch runs the folder as it is, so use it.
-            log.warning("onnxruntime unavailable for %s (%s: %s); using torch (set NITRO_CACHE_DIR to a writable "
-                        "folder, or pass --backend torch)", model_dir, type(e).__name__, e)
-        else:
-            return Pipeline(model, runtime, LCMSampler.from_scheduler_config(model.scheduler_config))
-    resolve_device_dtype(device, dtype)  # a bad device or dtype fails before the (slow) model load
-    model = load_model(model_dir, unet_file=unet_file, shift=shift)
-    backend = TorchBackend(model, device=device, dtype=dtype)
-    return Pipeline(model, backend, LCMSampler.from_scheduler_config(model.scheduler_config))
+    buckets = tuple(buckets or DEFAULT_BUCKETS)
+    model, runtime = load_backend(model_dir, unet_file, shift, device, dtype, backend, buckets, builder)
+    return Pipeline(model, runtime, LCMSampler.from_scheduler_config(model.scheduler_config), buckets)

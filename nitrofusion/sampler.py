@@ -102,7 +102,8 @@ class LCMSampler:
         c_skip, c_out = self.boundary_scalings(timesteps)
 
         def per_row(v: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, 1, 1, 1) on the sample's device
-            return v.to(sample.device, sample.dtype).view(-1, *([1] * (sample.ndim - 1)))
+            # non_blocking: a host-to-device copy of a few floats must not wait for the queued UNet call
+            return v.to(sample.device, sample.dtype, non_blocking=True).view(-1, *([1] * (sample.ndim - 1)))
 
         if self.prediction_type == "epsilon":
             x0 = (sample - per_row(beta.sqrt()) * model_output) / per_row(alpha.sqrt())
@@ -127,14 +128,15 @@ class LCMSampler:
             return x0, x0
         if noise is None or noise.shape != sample.shape:
             raise ValueError("rows that re-noise need noise shaped like the sample")
-        renoised = self.renoise(x0, [max(lvl, 0) for lvl in next_levels], noise.to(x0.device, x0.dtype))
-        keep = has_next.to(x0.device).view(-1, *([1] * (x0.ndim - 1)))
+        renoised = self.renoise(x0, [max(lvl, 0) for lvl in next_levels],
+                                noise.to(x0.device, x0.dtype, non_blocking=True))
+        keep = has_next.to(x0.device, non_blocking=True).view(-1, *([1] * (x0.ndim - 1)))
         return x0, torch.where(keep, renoised, x0)
 
     def renoise(self, denoised: torch.Tensor, levels: list[int], noise: torch.Tensor) -> torch.Tensor:
         """x_next = sqrt(abar[t_next]) * x0 + sqrt(1 - abar[t_next]) * z, per row."""
         alpha = self.alphas_cumprod[torch.tensor(levels, dtype=torch.long)]  # (B,)
         shape = (-1, *([1] * (denoised.ndim - 1)))
-        a = alpha.sqrt().to(denoised.device, denoised.dtype).view(shape)
-        b = (1 - alpha).sqrt().to(denoised.device, denoised.dtype).view(shape)
+        a = alpha.sqrt().to(denoised.device, denoised.dtype, non_blocking=True).view(shape)
+        b = (1 - alpha).sqrt().to(denoised.device, denoised.dtype, non_blocking=True).view(shape)
         return a * denoised + b * noise

@@ -22,7 +22,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from nitrofusion.engine import Cancelled, Engine, EngineClosed, GenerationFailed, QueueFull, RequestTimeout
-from nitrofusion.generation import GenerationRequest
 from nitrofusion.pipeline import Pipeline, load_pipeline
 
 from . import routes, ws
@@ -36,6 +35,11 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
+    if tuple(pipe.buckets) != tuple(settings.buckets):
+        # One bucket list drives the engine's padding, the CUDA graphs and the TensorRT profiles: a pipeline
+        # loaded for other buckets would replay nothing and run eagerly (or job by job) without a word.
+        raise ValueError(f"the pipeline was loaded for buckets {pipe.buckets} but the settings say {settings.buckets}: "
+                         "pass settings.buckets to load_pipeline")
     metrics = PrometheusObserver()
     engine = Engine(pipe.backend, pipe.sampler, pipe.shift, settings.engine_config(), observer=metrics)
     metrics.bind(engine)
@@ -44,7 +48,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if settings.warmup:
-            await _warm_up(pipe, settings.buckets)  # before the engine thread: nobody else touches the model
+            await _warm_up(pipe)  # before the engine thread: nobody else touches the model
         engine.start()
         app.state.ready = True
         log.info("ready: %s (%s, shift %d) on %s", pipe.model.name, pipe.model.family, pipe.shift,
@@ -95,15 +99,10 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     return app
 
 
-async def _warm_up(pipe: Pipeline, buckets: tuple[int, ...]) -> None:
+async def _warm_up(pipe: Pipeline) -> None:
     """First-call costs are paid before /readyz turns ready: one 1-step image at the native size, or, with
-    CUDA graphs on, a capture for every batch bucket the engine pads to (kernels/accel.py)."""
-    native = pipe.model.native_size
-    accel = getattr(pipe.backend, "accel", None)
-    if accel is not None and accel.active and accel.cuda_graphs:
-        await asyncio.to_thread(accel.warm_up, pipe, [(native, native)], buckets)
-        return
-    await asyncio.to_thread(pipe, [GenerationRequest("warm-up", 1, 0, native, native)])
+    CUDA graphs on, a capture for every batch bucket the engine pads to (Pipeline.warm_up)."""
+    await asyncio.to_thread(pipe.warm_up)
 
 
 class DrainingServer(uvicorn.Server):
@@ -137,8 +136,10 @@ class DrainingServer(uvicorn.Server):
 def run_server(settings: ServerSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)
+    from export.builder import ExportBuilder  # build on first use (ONNX on the CPU, TensorRT engines)
+
     pipe = load_pipeline(settings.model, settings.unet, settings.shift, settings.device, settings.dtype,
-                         backend=settings.backend)
+                         backend=settings.backend, buckets=settings.buckets, builder=ExportBuilder())
     app = create_app(pipe, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.drain_timeout + 5,

@@ -82,4 +82,6 @@ def ort_pipelines(onnx_exports):
 def auto_pipelines(tiny_dirs, nitro_cache_dir):
     """The CPU default per family: no backend given on a diffusers folder, so onnxruntime, exported on first
     use into the session's NITRO_CACHE_DIR (fp32)."""
-    return {fam: load_pipeline(path, device="cpu") for fam, path in tiny_dirs.items()}
+    from export.builder import ExportBuilder
+
+    return {fam: load_pipeline(path, device="cpu", builder=ExportBuilder()) for fam, path in tiny_dirs.items()}

@@ -8,27 +8,26 @@ import zlib
 import numpy as np
 import torch
 
-from nitrofusion.backends.base import Conditioning
+from nitrofusion.backends.base import Backend, Conditioning
 
 
-class FakeBackend:
+class FakeBackend(Backend):
     """eps depends on latents, timestep and prompt; 'images' are a deterministic function of latents.
 
     Prompts containing 'decode-boom' fail in decode, 'unet-boom' in the UNet, 'nan' give non-finite eps.
     `gate` (when set to an Event) blocks every UNet call until it is set: tests use it to act mid-flight.
     """
 
+    name = "fake"
     latent_channels = 4
     vae_scale_factor = 1
 
     def __init__(self):
+        super().__init__(model=None)
         self.unet_calls: list[list[int]] = []  # timesteps per call (after bucket padding)
         self.gate: threading.Event | None = None
         self.entered = threading.Event()  # set when a UNet call has started
         self.encoded: list[list[str]] = []
-
-    def count_tokens(self, prompt: str) -> int:
-        return len(prompt.split()) + 2
 
     def encode_text(self, prompts, sizes):
         self.encoded.append(list(prompts))
@@ -48,7 +47,11 @@ class FakeBackend:
     def decode(self, latents):
         return self._to_image(latents)
 
-    def preview(self, latents):
+    @property
+    def has_fast_decoder(self) -> bool:
+        return True
+
+    def decode_fast(self, latents):
         return self._to_image(latents)
 
     @staticmethod

@@ -12,9 +12,10 @@ from PIL import Image
 
 from export import cache as export_cache
 from export import onnx_export
-from export.manifest import MANIFEST_NAME, check_files, hash_folder, read_manifest
-from export.verify import ExportVerificationError, verify
-from nitrofusion.errors import NitroError
+from export.builder import ExportBuilder
+from export.verify import verify
+from nitrofusion.artifacts.manifest import MANIFEST_NAME, check_files, hash_folder, read_manifest
+from nitrofusion.errors import ExportVerificationError, NitroError
 from nitrofusion.generation import GenerationRequest
 from nitrofusion.pipeline import load_pipeline
 
@@ -117,14 +118,14 @@ def test_cache_reused_then_rebuilt_when_corrupted(pipelines, tmp_path, monkeypat
     monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
 
     req = GenerationRequest("a red cat", 2, seed=5, width=32, height=32)
-    first = load_pipeline(model_dir, device="cpu", backend="onnxruntime")
+    first = load_pipeline(model_dir, device="cpu", backend="onnxruntime", builder=ExportBuilder())
     assert len(calls) == 1 and first.backend.name == "onnxruntime"
     entry = first.backend.root
     assert entry.parent == tmp_path / "cache" / "onnx"
     unet_file = entry / read_manifest(entry).components["fp32"]["unet"].folder / "model.onnx"
     stamps = {p: p.stat().st_mtime_ns for p in entry.rglob("*") if p.is_file()}
 
-    second = load_pipeline(model_dir, device="cpu", backend="onnxruntime")
+    second = load_pipeline(model_dir, device="cpu", backend="onnxruntime", builder=ExportBuilder())
     assert len(calls) == 1 and second.backend.root == entry
     assert {p: p.stat().st_mtime_ns for p in entry.rglob("*") if p.is_file()} == stamps
     image = second([req])[0]
@@ -141,7 +142,7 @@ def test_cache_reused_then_rebuilt_when_corrupted(pipelines, tmp_path, monkeypat
 
     # Corrupt the UNet graph: detected by its recorded hash, rebuilt, and the rebuilt entry is whole again.
     unet_file.write_bytes(unet_file.read_bytes()[:1000])
-    third = load_pipeline(model_dir, device="cpu", backend="onnxruntime")
+    third = load_pipeline(model_dir, device="cpu", backend="onnxruntime", builder=ExportBuilder())
     assert len(calls) == 2 and third.backend.root == entry
     assert check_files(entry, read_manifest(entry)) is None
     assert np.array_equal(third([req])[0], image)

@@ -6,17 +6,13 @@ import json
 
 import pytest
 
-from export.tensorrt_plan import (
+from export.tensorrt_plan import GpuInfo, component_precision, engine_cache_key, engine_problem, parse_sizes
+from nitrofusion.artifacts.engines import (
     EngineManifest,
     EngineRecord,
-    GpuInfo,
     Profile,
     ShapeOutsideProfiles,
-    component_precision,
-    engine_cache_key,
-    engine_problem,
     is_engine_dir,
-    parse_sizes,
     plan_profiles,
     select_profile,
 )
@@ -106,7 +102,7 @@ def test_engine_manifest_and_stale_or_foreign_engines(tmp_path):
     key = engine_cache_key("a" * 64, "10.13.0", GPU, "fp16", PROFILES)
     plan = tmp_path / "unet.plan"
     plan.write_bytes(b"serialized engine")
-    from export.manifest import sha256_file
+    from nitrofusion.artifacts.manifest import sha256_file
 
     record = EngineRecord("unet", "unet.plan", key, {"gpu": GPU.name}, sha256_file(plan))
     EngineManifest({"unet": record}, "onnx", [1, 2, 4, 8], [[1024, 1024]], "fp16").write(tmp_path)
@@ -134,7 +130,7 @@ def test_missing_tensorrt_is_one_clear_error():
         pass
     else:
         pytest.skip("TensorRT is installed here: the missing-TensorRT message is not reachable")
-    from export.tensorrt_build import TensorRTUnavailable, require_tensorrt
+    from nitrofusion.artifacts.engines import TensorRTUnavailable, require_tensorrt
 
     with pytest.raises(TensorRTUnavailable, match="TensorRT is not installed here.*GPU Docker image"):
         require_tensorrt()
@@ -190,7 +186,7 @@ def test_engines_build_once_and_stale_ones_are_rebuilt(tiny_engines, onnx_export
 def test_tensorrt_backend_parity_and_profile_errors(tiny_engines, onnx_exports, pipelines):
     import numpy as np
 
-    from export.artifacts import load_exported_model
+    from nitrofusion.artifacts.exported import load_exported_model
     from nitrofusion.backends.tensorrt_backend import TensorRTBackend
     from nitrofusion.generation import generate
 

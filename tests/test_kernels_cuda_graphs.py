@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cuda_graphs import GraphCache, StaticBuffers, _as_tuple, check_buckets, choose_bucket, graph_key
+from kernels.cuda_graphs import GraphCache, StaticBuffers, _as_tuple, graph_key
 
 from .kernel_utils import needs_cuda
 
@@ -34,15 +34,6 @@ class FakeCapturer:
 
 def _fn(x, y):
     return x * 2 + y.sum(dim=1, keepdim=True)[:, :, None] * 0 + x.shape[0]  # depends on the padded batch size
-
-
-def test_choose_bucket_and_validation():
-    assert [choose_bucket(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
-    with pytest.raises(ValueError):
-        choose_bucket(0, (1, 2))
-    for bad in [(), (2, 1), (1, 1), (0, 4)]:
-        with pytest.raises(ValueError, match="buckets"):
-            check_buckets(bad)
 
 
 def test_static_buffers_pad_with_the_last_row():
@@ -164,9 +155,9 @@ def test_backend_routes_through_graph_caches(tiny_sdxl_dir):
     images = {}
     for graphs in (False, True):
         model = load_model(tiny_sdxl_dir)
-        backend = TorchBackend(model, device="cpu", kernels=False)
+        backend = TorchBackend(model, device="cpu", kernels=False, buckets=(1, 2, 4))
         if graphs:
-            backend.accel.build_graphs((1, 2, 4), FakeCapturer())
+            backend.accel.build_graphs(FakeCapturer())
         images[graphs] = np.stack(generate(backend, LCMSampler.from_scheduler_config(model.scheduler_config), reqs,
                                            model.shift))
     summary = backend.accel.unet_graphs.summary()
@@ -178,9 +169,9 @@ def test_backend_routes_through_graph_caches(tiny_sdxl_dir):
 def test_warm_up_captures_every_size_and_bucket(tiny_sdxl_dir):
     from nitrofusion.pipeline import load_pipeline
 
-    pipe = load_pipeline(tiny_sdxl_dir, device="cpu", backend="torch")
-    pipe.backend.accel.build_graphs((1, 2), FakeCapturer())
-    assert pipe.backend.accel.warm_up(pipe, [(32, 32), (16, 24)]) == 4
+    pipe = load_pipeline(tiny_sdxl_dir, device="cpu", backend="torch", buckets=(1, 2))
+    pipe.backend.accel.build_graphs(FakeCapturer())
+    assert pipe.warm_up([(32, 32), (16, 24)]) == 4
     assert pipe.backend.accel.unet_graphs.summary()["graphs"] == 4
     assert pipe.backend.accel.vae_graphs.summary()["graphs"] == 4
 
@@ -195,8 +186,8 @@ def test_text_encoders_route_through_graph_caches(family, tiny_sd_dir, tiny_sdxl
     folder = tiny_sd_dir if family == "sd" else tiny_sdxl_dir
     prompts = ["a red cat", "two blue birds on a wire", "x"]  # 3 prompts: padded to bucket 4
     plain = TorchBackend(load_model(folder), device="cpu", kernels=False)
-    graphed = TorchBackend(load_model(folder), device="cpu", kernels=False)
-    graphed.accel.build_graphs((1, 2, 4), FakeCapturer())
+    graphed = TorchBackend(load_model(folder), device="cpu", kernels=False, buckets=(1, 2, 4))
+    graphed.accel.build_graphs(FakeCapturer())
     want, got = plain._encode_uncached(prompts), graphed._encode_uncached(prompts)
     assert (want[1] is None) == (got[1] is None) == (family == "sd")
     torch.testing.assert_close(got[0], want[0])

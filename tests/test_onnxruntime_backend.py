@@ -5,6 +5,8 @@ CPU default: no backend on a diffusers folder exports it into the cache and runs
 import numpy as np
 import pytest
 
+from export.builder import ExportBuilder
+from nitrofusion.backends.base import Backend
 from nitrofusion.errors import NitroError
 from nitrofusion.generation import GenerationRequest
 from nitrofusion.pipeline import load_pipeline
@@ -60,7 +62,8 @@ def test_same_interface_as_torch(pipelines, ort_pipelines):
     be = ort.backend
     assert (be.latent_channels, be.vae_scale_factor) == (torch_pipe.backend.latent_channels,
                                                          torch_pipe.backend.vae_scale_factor)
-    assert be.count_tokens(PROMPT) == torch_pipe.backend.count_tokens(PROMPT)
+    assert ort.tokens.count(PROMPT) == torch_pipe.tokens.count(PROMPT)
+    assert isinstance(be, Backend) and isinstance(torch_pipe.backend, Backend)
     assert ort.model.native_size == torch_pipe.model.native_size and ort.shift == torch_pipe.shift
     assert ort.model.max_prompt_tokens == torch_pipe.model.max_prompt_tokens
     cond = be.encode_text([PROMPT, "a dog"], [(64, 48), (32, 32)])
@@ -127,11 +130,11 @@ def test_default_falls_back_to_torch_for_bfloat16_and_an_unwritable_cache(tiny_s
     not_a_folder.write_text("")
     monkeypatch.setenv("NITRO_CACHE_DIR", str(not_a_folder))
     with caplog.at_level("WARNING"):
-        pipe = load_pipeline(tiny_sd_dir, device="cpu")
+        pipe = load_pipeline(tiny_sd_dir, device="cpu", builder=ExportBuilder())
     assert pipe.backend.name == "torch"
     assert any("using torch" in r.getMessage() and "NITRO_CACHE_DIR" in r.getMessage() for r in caplog.records)
     with pytest.raises(OSError):  # asked for by name: no silent switch
-        load_pipeline(tiny_sd_dir, device="cpu", backend="onnxruntime")
+        load_pipeline(tiny_sd_dir, device="cpu", backend="onnxruntime", builder=ExportBuilder())
 
 
 def test_precision_choice():

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ModelLoadError, NitroError
 from ..models import LoadedModel
-from .base import Conditioning, PromptCache
+from .base import Backend, Conditioning
 from .torch_backend import to_uint8
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -40,7 +40,7 @@ def resolve_precision(device: str, dtype: str | None, available: list[str]) -> s
     return want
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     """Runs one export folder. Not thread-safe: one thread (the engine's) owns it."""
 
     name = "onnxruntime"
@@ -50,8 +50,9 @@ class OnnxRuntimeBackend:
                  threads: int | None = None):
         import onnxruntime as ort
 
+        super().__init__(model, text_cache_size)
         manifest = model.extras["export"]
-        self.model, self.root = model, Path(export_dir)
+        self.root = Path(export_dir)
         available = ort.get_available_providers()
         if device is None:
             device = "cuda" if "CUDAExecutionProvider" in available and torch.cuda.is_available() else "cpu"
@@ -92,7 +93,6 @@ class OnnxRuntimeBackend:
         self.vae_session = session("vae_decoder")
         self.preview_session = session("vae_preview") if "vae_preview" in graphs else None
         self.unet_inputs = [i.name for i in self.unet_session.get_inputs()]
-        self._text_cache = PromptCache(text_cache_size)
 
     # -- running a graph ---------------------------------------------------------------------------
     def _run(self, sess, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -130,23 +130,9 @@ class OnnxRuntimeBackend:
         return tuple(known[d] if isinstance(d, str) else int(d) for d in dims)
 
     # -- text --------------------------------------------------------------------------------------
-    def count_tokens(self, prompt: str) -> int:
-        return max(len(tok(prompt).input_ids) for tok in self.model.tokenizers)
-
-    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        embeds, pooled = [], None
-        for tok, sess in zip(self.model.tokenizers, self.text_sessions):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids  # (B, 77) int64
-            outs = self._run(sess, {"input_ids": ids})
-            embeds.append(outs[0])
-            if len(outs) > 1:
-                pooled = outs[1]
-        return torch.cat(embeds, dim=-1).float(), None if pooled is None else pooled.float()
-
-    def encode_text(self, prompts: list[str], sizes: list[tuple[int, int]]) -> Conditioning:
-        emb, pooled = self._text_cache.get(prompts, self._encode_uncached)
-        return Conditioning.from_text(emb, pooled, sizes, self.model.family)
+    def run_text_encoder(self, index: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        outs = self._run(self.text_sessions[index], {"input_ids": ids})
+        return outs[0].float(), outs[1].float() if len(outs) > 1 else None
 
     # -- denoiser ----------------------------------------------------------------------------------
     def unet(self, latents: torch.Tensor, timesteps: list[int], cond: Conditioning) -> torch.Tensor:
@@ -158,44 +144,16 @@ class OnnxRuntimeBackend:
         return self._run(self.unet_session, feeds)[0].float().to(latents.device)
 
     # -- images ------------------------------------------------------------------------------------
-    def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.model.vae.config
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if mean is not None and std is not None:
-            c = latents.shape[1]
-            mean_t = torch.tensor(mean, dtype=latents.dtype).view(1, c, 1, 1)
-            std_t = torch.tensor(std, dtype=latents.dtype).view(1, c, 1, 1)
-            return latents * std_t / cfg.scaling_factor + mean_t
-        return latents / cfg.scaling_factor
+    def decode_unscaled(self, z: torch.Tensor) -> np.ndarray:
+        return to_uint8(self._run(self.vae_session, {"latents": z.float()})[0])
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        image = self._run(self.vae_session, {"latents": self._unscale(latents.float().cpu())})[0]
-        return to_uint8(image)
+    @property
+    def has_fast_decoder(self) -> bool:
+        return self.preview_session is not None
 
-    def preview(self, latents: torch.Tensor) -> np.ndarray:
-        if self.preview_session is None:
-            return self.decode(latents)
-        return to_uint8(self._run(self.preview_session, {"latents": latents.float().cpu()})[0])
+    def decode_fast(self, latents: torch.Tensor) -> np.ndarray:
+        return to_uint8(self._run(self.preview_session, {"latents": latents.float()})[0])
 
 
 def _np_dtype(dtype: torch.dtype):
     return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[dtype]
-
-
-def load_onnxruntime_backend(model_dir: str | Path, unet_file: str | Path | None, shift: int | None,
-                             device: str | None, dtype: str | None) -> tuple[LoadedModel, OnnxRuntimeBackend]:
-    """An export folder is used as it is; a diffusers folder goes through the export cache first."""
-    from export.artifacts import load_exported_model
-    from export.cache import ensure_onnx_export
-    from export.manifest import is_export_dir
-
-    if is_export_dir(model_dir):
-        if unet_file is not None:
-            raise NitroError("--unet cannot be swapped into an export folder: export the diffusers folder with the "
-                             "UNet swapped in instead (nitrofusion export --model DIR --unet FILE ...)")
-        root = Path(model_dir).expanduser()  # type: ignore[arg-type]
-    else:
-        wants_fp16 = device == "cuda" or (device is None and torch.cuda.is_available()) or dtype in ("float16", "fp16")
-        root = ensure_onnx_export(model_dir, unet_file, precisions=("fp32", "fp16") if wants_fp16 else ("fp32",))
-    model, _ = load_exported_model(root, shift=shift)
-    return model, OnnxRuntimeBackend(model, root, device=device, dtype=dtype)

@@ -13,9 +13,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artifacts.engines import (
+    EngineManifest,
+    Profile,
+    component_profiles,
+    plan_profiles,
+    require_tensorrt,
+    select_profile,
+)
+from ..artifacts.manifest import read_manifest
 from ..errors import NitroError
 from ..models import LoadedModel
-from .base import Conditioning, PromptCache
+from .base import Backend, Conditioning
 from .torch_backend import to_uint8
 
 log = logging.getLogger(__name__)
@@ -89,16 +98,15 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
     return table[dtype]
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
+    """Runs one engine folder (nitrofusion/artifacts/engines.py); the loader builds or checks it first."""
+
     name = "tensorrt"
 
     def __init__(self, model: LoadedModel, engine_dir: Path, text_cache_size: int = 1024):
-        from export.manifest import read_manifest
-        from export.tensorrt_build import component_profiles, require_tensorrt
-        from export.tensorrt_plan import EngineManifest, plan_profiles
-
+        super().__init__(model, text_cache_size)
         trt = require_tensorrt()
-        self.model, self.root = model, engine_dir
+        self.root = engine_dir
         self.device = torch.device("cuda")
         engines = EngineManifest.read(engine_dir)
         onnx_dir = (engine_dir / engines.onnx_dir).resolve()
@@ -114,24 +122,18 @@ class TensorRTBackend:
             self.engines[name] = _Engine(trt, runtime, engine_dir / rec.file, profs, inputs, self.stream)
         self.text_names = sorted(n for n in self.engines if n.startswith("text_encoder"))
         self.max_batch = max(engines.buckets)
-        self._text_cache = PromptCache(text_cache_size)
 
     # -- shapes ------------------------------------------------------------------------------------
     def check_request(self, req) -> None:
         """Reject a size no profile covers before the request is queued (InvalidRequest: 422)."""
-        from export.tensorrt_plan import select_profile
-
+        super().check_request(req)
         f = self.vae_scale_factor
         select_profile(self.profiles, 1, req.height // f, req.width // f, f)
 
     def _profile(self, batch: int, h: int, w: int):
-        from export.tensorrt_plan import select_profile
-
         return select_profile(self.profiles, batch, h, w, self.vae_scale_factor)
 
     def _batch_profile(self, name: str, batch: int):
-        from export.tensorrt_plan import Profile
-
         sizes = sorted({p.batch for p in self.engines[name].profiles})
         return Profile(next(b for b in sizes if b >= batch), 0, 0)
 
@@ -143,29 +145,15 @@ class TensorRTBackend:
         return [torch.cat(parts) for parts in zip(*outs)]
 
     # -- Backend interface -------------------------------------------------------------------------
-    def count_tokens(self, prompt: str) -> int:
-        return max(len(tok(prompt).input_ids) for tok in self.model.tokenizers)
+    def run_text_encoder(self, index: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        name = self.text_names[index]
 
-    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        embeds, pooled = [], None
-        for tok, name in zip(self.model.tokenizers, self.text_names):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
-            n = ids.shape[0]
+        def run(chunk):
+            profile = self._batch_profile(name, chunk.shape[0])
+            return [o[: chunk.shape[0]] for o in self.engines[name](profile, {"input_ids": chunk})]
 
-            def run(chunk, name=name):
-                return [o[: chunk.shape[0]] for o in self.engines[name](self._batch_profile(name, chunk.shape[0]),
-                                                                        {"input_ids": chunk})]
-
-            outs = self._chunked(name, ids, run)
-            embeds.append(outs[0][:n].float())
-            if len(outs) > 1:
-                pooled = outs[1][:n].float()
-        return torch.cat(embeds, dim=-1), pooled
-
-    def encode_text(self, prompts: list[str], sizes: list[tuple[int, int]]) -> Conditioning:
-        emb, pooled = self._text_cache.get(prompts, self._encode_uncached)
-        return Conditioning.from_text(emb, pooled, sizes, self.model.family)
+        outs = self._chunked(name, ids.to(self.device), run)
+        return outs[0].float(), outs[1].float() if len(outs) > 1 else None
 
     def unet(self, latents: torch.Tensor, timesteps: list[int], cond: Conditioning) -> torch.Tensor:
         b, _, h, w = latents.shape
@@ -188,54 +176,12 @@ class TensorRTBackend:
 
         return to_uint8(self._chunked(name, latents.float(), run)[0])
 
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        cfg = self.model.vae.config
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if mean is not None and std is not None:
-            c = latents.shape[1]
-            z = latents * torch.tensor(std).view(1, c, 1, 1) / cfg.scaling_factor + torch.tensor(mean).view(1, c, 1, 1)
-        else:
-            z = latents / cfg.scaling_factor
+    def decode_unscaled(self, z: torch.Tensor) -> np.ndarray:
         return self._decode_with("vae_decoder", z)
 
-    def preview(self, latents: torch.Tensor) -> np.ndarray:
-        if "vae_preview" not in self.engines:
-            return self.decode(latents)
+    @property
+    def has_fast_decoder(self) -> bool:
+        return "vae_preview" in self.engines
+
+    def decode_fast(self, latents: torch.Tensor) -> np.ndarray:
         return self._decode_with("vae_preview", latents)
-
-
-def load_tensorrt_backend(model_dir: str | Path, unet_file: str | Path | None, shift: int | None,
-                          device: str | None, dtype: str | None) -> tuple[LoadedModel, TensorRTBackend]:
-    """An engine folder (nitrofusion export --format tensorrt) is checked and stale engines rebuilt; a diffusers
-    folder goes through the ONNX export cache and an engine cache keyed on everything that invalidates one."""
-    from export.artifacts import load_exported_model
-    from export.cache import cache_root, ensure_onnx_export
-    from export.manifest import is_export_dir
-    from export.tensorrt_build import build_engines, require_tensorrt
-    from export.tensorrt_plan import EngineManifest, is_engine_dir
-
-    require_tensorrt()  # before any slow work: a one-line error where TensorRT or the GPU is missing
-    if device not in (None, "cuda"):
-        raise NitroError("--backend tensorrt runs on CUDA only: drop --device or use --device cuda")
-    if dtype not in (None, "float16", "fp16"):
-        log.warning("--dtype %s is ignored by --backend tensorrt (engines are built fp16)", dtype)
-    root = Path(model_dir).expanduser()
-    if is_engine_dir(root):
-        if unet_file is not None:
-            raise NitroError("--unet cannot be swapped into built engines: export the diffusers folder with --unet")
-        engines = EngineManifest.read(root)
-        onnx_dir = (root / engines.onnx_dir).resolve()
-        # Rebuilds any stale or foreign engine (other TensorRT, GPU or ONNX) in place, reuses the rest.
-        build_engines(onnx_dir, root, engines.buckets, [tuple(s) for s in engines.sizes], engines.precision)
-        engine_dir = root
-    else:
-        from ..engine import EngineConfig
-
-        if is_export_dir(root):
-            onnx_dir = root
-        else:
-            onnx_dir = ensure_onnx_export(root, unet_file, precisions=("fp32",))
-        engine_dir = cache_root() / "tensorrt" / onnx_dir.name
-        build_engines(onnx_dir, engine_dir, list(EngineConfig().buckets))
-    model, _ = load_exported_model(onnx_dir, shift=shift)
-    return model, TensorRTBackend(model, engine_dir)

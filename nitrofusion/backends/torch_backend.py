@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from ..errors import NitroError
 from ..models import LoadedModel
-from .base import Conditioning, PromptCache
+from ..scheduler import DEFAULT_BUCKETS
+from .base import Backend, Conditioning, Pending
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -29,14 +32,15 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
     return dev, DTYPES[dtype]
 
 
-class TorchBackend:
-    """Runs one LoadedModel. Not thread-safe: one thread (the engine's) owns it."""
+class TorchBackend(Backend):
+    """Runs one LoadedModel with diffusers / transformers modules. Rows' latents live on `device`."""
 
     name = "torch"
 
     def __init__(self, model: LoadedModel, device: str | None = None, dtype: str | None = None,
-                 text_cache_size: int = 1024, kernels: bool | None = None, cuda_graphs: bool | None = None):
-        self.model = model
+                 text_cache_size: int = 1024, kernels: bool | None = None, cuda_graphs: bool | None = None,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, overlap: bool | None = None):
+        super().__init__(model, text_cache_size)
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         # The SDXL VAE overflows in fp16: decode in bf16 on CUDA, fp32 on the CPU.
         self.vae_dtype = torch.bfloat16 if self.device.type == "cuda" and self.dtype != torch.float32 else torch.float32
@@ -48,16 +52,17 @@ class TorchBackend:
             model.preview_vae.to(self.device, self.vae_dtype)
         self.latent_channels = int(model.unet.config.in_channels)
         self.vae_scale_factor = model.vae_scale_factor
-        self._text_cache = PromptCache(text_cache_size)
-        # Fused Triton kernels and CUDA graphs, both on by default on CUDA: kernels/accel.py.
+        # Fused Triton kernels and CUDA graphs (one per declared batch bucket), both on by default on CUDA.
         from kernels.accel import Accelerator
 
-        self.accel = Accelerator.for_backend(self, kernels=kernels, cuda_graphs=cuda_graphs)
+        self.accel = Accelerator.for_backend(self, kernels=kernels, cuda_graphs=cuda_graphs, buckets=buckets)
+        # On CUDA, decodes run on their own stream so the engine's next UNet step does not wait for them
+        # (NITROFUSION_OVERLAP=0 turns it off, for comparison).
+        if overlap is None:
+            overlap = os.environ.get("NITROFUSION_OVERLAP", "1") != "0"
+        self.decode_stream = torch.cuda.Stream(self.device) if overlap and self.device.type == "cuda" else None
 
     # -- text ----------------------------------------------------------------------------------
-    def count_tokens(self, prompt: str) -> int:
-        return max(len(tok(prompt).input_ids) for tok in self.model.tokenizers)
-
     def text_encoder_call(self, index: int):
         """fn(ids) -> (hidden states for the embeddings, first output) for text encoder `index`, as diffusers'
         encode_prompt reads them: SD1.x the last hidden state; SDXL the penultimate layer, and the first output
@@ -73,66 +78,84 @@ class TorchBackend:
         return run
 
     @torch.inference_mode()
-    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Both encoders' hidden states concatenated, and the pooled projection of SDXL's second."""
-        embeds, pooled = [], None
-        for i, tok in enumerate(self.model.tokenizers):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
-            out = self.accel.text(i, ids)
-            embeds.append(out[0])
-            if len(out) > 1 and out[1].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
-                pooled = out[1]
-        return torch.cat(embeds, dim=-1), pooled
-
-    def encode_text(self, prompts: list[str], sizes: list[tuple[int, int]]) -> Conditioning:
-        emb, pooled = self._text_cache.get(prompts, self._encode_uncached)
-        return Conditioning.from_text(emb, pooled, sizes, self.model.family)
+    def run_text_encoder(self, index: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.accel.text(index, ids.to(self.device, non_blocking=True))
+        pooled = out[1] if len(out) > 1 and out[1].ndim == 2 else None  # CLIPTextModelWithProjection: text_embeds
+        return out[0], pooled
 
     # -- denoiser ------------------------------------------------------------------------------
     @torch.inference_mode()
     def unet(self, latents: torch.Tensor, timesteps: list[int], cond: Conditioning) -> torch.Tensor:
-        t = torch.tensor(timesteps, dtype=torch.long, device=self.device)  # (B,) one timestep per row
+        t = torch.tensor(timesteps, dtype=torch.long).to(self.device, non_blocking=True)  # (B,) one per row
+        x = latents.to(self.device, self.dtype)
+        if self.accel.active:
+            return self.accel.unet(x, t, cond).float()
         added = None
         if cond.pooled is not None:
             added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-        if self.accel.active:
-            return self.accel.unet(latents.to(self.device, self.dtype), t, cond).float()
-        out = self.model.unet(
-            latents.to(self.device, self.dtype), t, encoder_hidden_states=cond.embeds,
-            added_cond_kwargs=added, return_dict=False,
-        )[0]
+        out = self.model.unet(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False)[0]
         return out.float()
 
+    def sampler_step(self, sampler, sample, model_output, timesteps, next_levels, noise):
+        """On CUDA with kernels on, the fused Triton step (bit-identical to LCMSampler.step, one launch)."""
+        if self.accel.kernels and sample.is_cuda:
+            from kernels.sampler_step import lcm_step
+
+            x0, x_next = lcm_step(sampler, sample, model_output, timesteps, next_levels, noise)
+            return x0, x_next
+        return sampler.step(sample, model_output, timesteps, next_levels, noise)
+
     # -- images --------------------------------------------------------------------------------
-    def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.model.vae.config
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if mean is not None and std is not None:
-            c = latents.shape[1]
-            mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, c, 1, 1)
-            std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, c, 1, 1)
-            return latents * std_t / cfg.scaling_factor + mean_t
-        return latents / cfg.scaling_factor
-
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        z = self._unscale(latents.to(self.device, torch.float32)).to(self.vae_dtype)
+    def _full_device(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents -> (B, H, W, 3) uint8 on the device, with the full VAE decoder."""
+        z = z.to(self.device, self.vae_dtype)
         if self.accel.active:
-            return self.accel.decode(z)
-        image = self.model.vae.decode(z, return_dict=False)[0]
-        return to_uint8(image)
+            return self.accel.decode_device(z)
+        return to_uint8_tensor(self.model.vae.decode(z, return_dict=False)[0])
+
+    def _fast_device(self, latents: torch.Tensor) -> torch.Tensor:
+        """Sampler latents -> (B, H, W, 3) uint8 on the device, with the tiny decoder (vae_preview/)."""
+        image = self.model.preview_vae.decode(latents.to(self.device, self.vae_dtype), return_dict=False)[0]
+        return self.accel.to_uint8_device(image) if self.accel.active else to_uint8_tensor(image)
 
     @torch.inference_mode()
-    def preview(self, latents: torch.Tensor) -> np.ndarray:
-        """A quick look at predicted x0: the tiny decoder when the model has one, else the full VAE."""
-        if self.model.preview_vae is None:
-            return self.decode(latents)
-        image = self.model.preview_vae.decode(latents.to(self.device, self.vae_dtype), return_dict=False)[0]
-        return self.accel.to_uint8(image) if self.accel.active else to_uint8(image)
+    def decode_unscaled(self, z: torch.Tensor) -> np.ndarray:
+        return self._full_device(z).cpu().numpy()
+
+    @property
+    def has_fast_decoder(self) -> bool:
+        return self.model.preview_vae is not None
+
+    @torch.inference_mode()
+    def decode_fast(self, latents: torch.Tensor) -> np.ndarray:
+        return self._fast_device(latents).cpu().numpy()
+
+    @torch.inference_mode()
+    def decode_async(self, latents: torch.Tensor, decoder: str, preview: bool = False) -> Pending:
+        """On CUDA: the decode and its copy to pinned host memory run on the decode stream, after the step that
+        made `latents`, while the engine goes on to launch the next UNet step on the main stream."""
+        if self.decode_stream is None:
+            return super().decode_async(latents, decoder, preview)
+        fast = self.has_fast_decoder if preview else decoder == "fast"
+        self.decode_stream.wait_stream(torch.cuda.current_stream(self.device))
+        # The main stream made these latents and may reuse their memory once Python drops them: keep the
+        # block until the decode stream's work queued so far is done.
+        latents.record_stream(self.decode_stream)
+        with torch.cuda.stream(self.decode_stream):
+            images = self._fast_device(latents) if fast else self._full_device(self.unscale(latents.float()))
+            return Pending(images)
+
+    def warm_up(self, run, sizes, buckets) -> int:
+        """Capture the CUDA graphs for every size x bucket before serving (no request pays for a capture)."""
+        return self.accel.warm_up(run, sizes, buckets) if self.accel.cuda_graphs else 0
+
+
+def to_uint8_tensor(image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 on the image's device, the same arithmetic as diffusers'
+    postprocess (kernels/postprocess.py fuses it into one pass on CUDA)."""
+    image = (image.float() * 0.5 + 0.5).clamp(0, 1)
+    return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, the same arithmetic as diffusers' postprocess."""
-    image = (image.float() * 0.5 + 0.5).clamp(0, 1)
-    return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8_tensor(image).cpu().numpy()

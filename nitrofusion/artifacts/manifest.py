@@ -1,4 +1,4 @@
-"""The manifest written beside every export: what was exported from what, by which versions, and how.
+"""The manifest written beside every export (read here by the runtime; export/ writes it): what was exported from what, by which versions, and how.
 
 A folder holding `nitrofusion_export.json` is an export folder; `load_pipeline` recognises it as `--model`.
 """
@@ -11,13 +11,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nitrofusion.errors import ModelLoadError
+from ..errors import ModelLoadError
 
 MANIFEST_NAME = "nitrofusion_export.json"
 FORMAT = "nitrofusion-onnx"
 FORMAT_VERSION = 1
-OPSET = 17
-EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
 
 
 @dataclass
@@ -106,18 +104,6 @@ def hash_folder(folder: Path, digest=sha256_file) -> str:
             continue  # editor / VCS droppings are not model content
         h.update(rel.encode() + b"\0" + digest(p).encode() + b"\n")
     return h.hexdigest()
-
-
-def exporter_versions() -> dict[str, str]:
-    """Every version that can change what the exporter writes; part of the export cache key."""
-    from importlib.metadata import version
-
-    import nitrofusion
-
-    out = {"nitrofusion": nitrofusion.__version__, "exporter": EXPORTER, "format_version": str(FORMAT_VERSION)}
-    for pkg in ("torch", "onnx", "onnxruntime", "diffusers", "transformers"):
-        out[pkg] = version(pkg)
-    return out
 
 
 def check_files(root: Path, manifest: Manifest, digest=sha256_file) -> str | None:

@@ -11,10 +11,9 @@ import logging
 from pathlib import Path
 from types import SimpleNamespace
 
-from nitrofusion.errors import ModelLoadError
-from nitrofusion.models import SHIFT_KEY, LoadedModel, quiet_libraries
-from nitrofusion.sampler import DEFAULT_SHIFT
-
+from ..errors import ModelLoadError
+from ..models import SHIFT_KEY, LoadedModel, quiet_libraries
+from ..sampler import DEFAULT_SHIFT
 from .manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)

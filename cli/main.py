@@ -8,7 +8,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from .errors import InvalidRequest, NitroError
+from nitrofusion.errors import InvalidRequest, NitroError
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -83,17 +83,19 @@ def _out_format(path: Path) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import GenerationRequest
-    from .images import encode_image
-    from .limits import check_seed, check_steps
-    from .pipeline import load_pipeline
+    from export.builder import ExportBuilder
+    from nitrofusion.generation import GenerationRequest
+    from nitrofusion.images import encode_image
+    from nitrofusion.limits import check_seed, check_steps
+    from nitrofusion.pipeline import load_pipeline
 
     out = Path(args.out)
     fmt = _out_format(out)
     check_steps(args.steps)  # the checks that need no model run before the (slow) model load
     if args.seed is not None:
         check_seed(args.seed)
-    pipe = load_pipeline(args.model, args.unet, args.shift, args.device, args.dtype, backend=args.backend)
+    pipe = load_pipeline(args.model, args.unet, args.shift, args.device, args.dtype, backend=args.backend,
+                         builder=ExportBuilder())
     seed = secrets.randbits(63) if args.seed is None else args.seed
     native = pipe.model.native_size
     req = GenerationRequest(args.prompt, args.steps, seed, args.width or native, args.height or native)
