@@ -5,6 +5,10 @@ xl-base-1.0 model; nothing is downloaded; timing does not depend on weight value
 steps 1 and 4, batch 1 / 4 / 8, in one process:
 
   ours            nitrofusion Pipeline (generation.generate) on TorchBackend, fused kernels + CUDA graphs
+  ours-fast       the same with `decoder: fast`: a TAESDXL-shaped AutoencoderTiny (random weights) as the decoder
+  ours-host       ours with each row's latents copied to the host and back around every step (a sync each
+                  step): what keeping latents on the device saves
+  ours-notext     ours with the text encoders run eagerly (their CUDA graphs off): what those graphs save
   ours-eager      the same engine with kernels and graphs off (what the CPU path runs)
   diffusers       StableDiffusionXLPipeline, eager fp16, guidance 0, LCMScheduler
   diffusers-compile   the same with torch.compile on its UNet and VAE decoder (compiles per shape: only
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import itertools
 import json
 import platform
@@ -93,6 +98,19 @@ def build_components(tiny: bool, device: str, seed: int):
     return unet, vae, [te1, te2], toks, dict(tiny_scheduler().config)
 
 
+def build_tiny_decoder(tiny: bool, device: str):
+    """TAESDXL's layout (diffusers' AutoencoderTiny defaults: 4 latent channels, 8x upsampling), random weights;
+    `tiny`: nitrofusion.tiny's 2x one, matching the tiny VAE."""
+    from diffusers import AutoencoderTiny
+
+    from nitrofusion.tiny import tiny_preview_decoder
+
+    if tiny:
+        return tiny_preview_decoder()
+    with torch.device(device):
+        return AutoencoderTiny()
+
+
 def diffusers_pipeline(parts, device: str, dtype: torch.dtype):
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
@@ -106,7 +124,7 @@ def diffusers_pipeline(parts, device: str, dtype: torch.dtype):
     return pipe.to(device, dtype)
 
 
-def our_pipeline(parts, device: str, dtype: str, kernels: bool, cuda_graphs: bool):
+def our_pipeline(parts, device: str, dtype: str, kernels: bool, cuda_graphs: bool, preview_vae=None):
     from nitrofusion.backends.torch_backend import TorchBackend
     from nitrofusion.models import LoadedModel
     from nitrofusion.pipeline import Pipeline
@@ -114,7 +132,7 @@ def our_pipeline(parts, device: str, dtype: str, kernels: bool, cuda_graphs: boo
 
     unet, vae, tes, toks, sched_cfg = parts
     model = LoadedModel(path=Path("sdxl-random"), family="sdxl", unet=unet, vae=vae, text_encoders=tes,
-                        tokenizers=toks, scheduler_config=sched_cfg, shift=SHIFT)
+                        tokenizers=toks, scheduler_config=sched_cfg, shift=SHIFT, preview_vae=preview_vae)
     backend = TorchBackend(model, device=device, dtype=dtype, kernels=kernels, cuda_graphs=cuda_graphs)
     return Pipeline(model, backend, LCMSampler.from_scheduler_config(sched_cfg))
 
@@ -214,11 +232,11 @@ def prompts(batch: int, i: int) -> list[str]:
 
 
 # -- the systems ---------------------------------------------------------------------------------------------
-def run_ours(pipe, timer, size, steps, batch, args, cuda):
+def run_ours(pipe, timer, size, steps, batch, args, cuda, decoder: str = "full"):
     from nitrofusion.generation import GenerationRequest
 
     def run(i):
-        reqs = [GenerationRequest(p, steps, seed=1000 * (i + 10) + j, width=size, height=size)
+        reqs = [GenerationRequest(p, steps, seed=1000 * (i + 10) + j, width=size, height=size, decoder=decoder)
                 for j, p in enumerate(prompts(batch, i))]
         images = pipe(reqs)
         assert len(images) == batch and images[0].shape == (size, size, 3)
@@ -239,7 +257,26 @@ def time_ours(pipe, timer: StageTimer) -> None:
     b = pipe.backend
     timer.wrap(b, "encode_text", "text")
     timer.wrap(b, "unet", "unet")
-    timer.wrap(b, "decode", "vae+post")  # decoder + uint8 postprocess + host copy (one graph when captured)
+    timer.wrap(b, "decode_with", "vae+post")  # decoder + uint8 postprocess + host copy (one graph when captured)
+
+
+def host_round_trip():
+    """Patch the step loop so each row's latents go to the host and back around every step (with the sync that
+    implies), as before rows kept them on the device. Returns the undo function."""
+    import nitrofusion.generation as gen
+
+    real = gen.step_rows
+
+    def step_rows(backend, sampler, rows, pad_to=None):
+        for r in rows:
+            r.latents = r.latents.to(backend.device)
+        out = real(backend, sampler, rows, pad_to)
+        for r in rows:
+            r.latents, r.x0 = r.latents.cpu(), r.x0.cpu()
+        return out
+
+    gen.step_rows = step_rows
+    return lambda: setattr(gen, "step_rows", real)
 
 
 def time_diffusers(pipe, timer: StageTimer) -> None:
@@ -256,8 +293,10 @@ def parse_args(argv=None):
     ap.add_argument("--sizes", default=None, help="comma list of square sizes (default 1024,512; tiny 32,16)")
     ap.add_argument("--steps", default="1,4")
     ap.add_argument("--batches", default=None, help="default 1,4,8 (tiny 2)")
-    ap.add_argument("--systems", default=None, help="default ours,diffusers,ours-eager,diffusers-compile (tiny: "
-                    "no ours-eager, which on the CPU is the same as ours)")
+    ap.add_argument("--systems", default=None, help="default ours,ours-fast,diffusers,ours-host,ours-notext,"
+                    "ours-eager,diffusers-compile (tiny: no ours-eager, which on the CPU is the same as ours)")
+    ap.add_argument("--variant-cases", default=None, help="size:steps:batch cases the ours-host / ours-notext / "
+                    "ours-eager variants run (default 1024:1:1,512:1:1,1024:1:8; tiny 32:1:2)")
     ap.add_argument("--compile-cases", default=None,
                     help="size:batch:steps cases torch.compile runs, it compiles per shape (default 1024:1:1,"
                          "512:1:1; tiny 16:2:1)")
@@ -274,8 +313,11 @@ def parse_args(argv=None):
     args.sizes = [int(s) for s in (args.sizes or ("32,16" if t else "1024,512")).split(",")]
     args.steps = [int(s) for s in args.steps.split(",")]
     args.batches = [int(s) for s in (args.batches or ("2" if t else "1,4,8")).split(",")]
-    args.systems = (args.systems or ("ours,diffusers,diffusers-compile" if t else
-                                     "ours,diffusers,ours-eager,diffusers-compile")).split(",")
+    args.systems = (args.systems or ("ours,ours-fast,diffusers,ours-host,ours-notext,diffusers-compile" if t else
+                                     "ours,ours-fast,diffusers,ours-host,ours-notext,ours-eager,"
+                                     "diffusers-compile")).split(",")
+    args.variant_cases = {tuple(int(v) for v in c.split(":"))
+                          for c in (args.variant_cases or ("32:1:2" if t else "1024:1:1,512:1:1,1024:1:8")).split(",")}
     args.compile_cases = {tuple(int(v) for v in c.split(":"))
                           for c in (args.compile_cases or ("16:2:1" if t else "1024:1:1,512:1:1")).split(",") if c}
     args.compile_backend = args.compile_backend or ("eager" if t else "inductor")
@@ -331,16 +373,29 @@ def main(argv=None) -> int:
         # engine without kernels / graphs, then torch.compile (it compiles per shape: minutes on SDXL).
         # Separate model instances for ours and diffusers: ours patches its modules in place.
         ours_parts = diff_pipe = None
-        for system in [s for s in ("ours", "diffusers", "ours-eager", "diffusers-compile") if s in args.systems]:
+        order = ("ours", "ours-fast", "diffusers", "ours-host", "ours-notext", "ours-eager", "diffusers-compile")
+        for system in [s for s in order if s in args.systems]:
             t0 = time.monotonic()
+            undo_patch = None
             if system.startswith("ours"):
                 if ours_parts is None:
                     ours_parts = build_components(args.tiny, args.device, args.seed)
-                fast = system == "ours" and cuda
-                pipe = our_pipeline(ours_parts, args.device, dtype_s, kernels=fast, cuda_graphs=fast)
+                fast = system != "ours-eager" and cuda
+                preview = build_tiny_decoder(args.tiny, args.device) if system == "ours-fast" else None
+                pipe = our_pipeline(ours_parts, args.device, dtype_s, kernels=fast, cuda_graphs=fast,
+                                    preview_vae=preview)
                 counts = json.dumps(pipe.backend.accel.patch_counts())
                 note = f"kernels+graphs {counts}" if fast else "no kernels/graphs"
-                timer, runner = StageTimer(cuda), run_ours
+                if system == "ours-fast":
+                    note = "tiny decoder (TAESDXL layout); " + note
+                elif system == "ours-host":
+                    undo_patch = host_round_trip()
+                    note = "latents to the host and back every step; " + note
+                elif system == "ours-notext":
+                    pipe.backend.accel.text_graphs = None
+                    note = "text encoders eager; " + note
+                timer = StageTimer(cuda)
+                runner = functools.partial(run_ours, decoder="fast" if system == "ours-fast" else "full")
                 time_ours(pipe, timer)
             else:
                 if diff_pipe is None:
@@ -356,6 +411,9 @@ def main(argv=None) -> int:
             for size, steps, batch in cases:
                 if system == "diffusers-compile" and (size, batch, steps) not in args.compile_cases:
                     continue
+                if system in ("ours-host", "ours-notext", "ours-eager") and (size, steps, batch) not in \
+                        args.variant_cases:
+                    continue
                 if over_budget():
                     log(f"budget: skipping {system} {size}^2 steps {steps} b{batch}")
                     continue
@@ -367,6 +425,8 @@ def main(argv=None) -> int:
                             f"{graphs} graphs compiled so far")
                 record(system, size, steps, batch, r, note)
             timer.restore()
+            if undo_patch is not None:
+                undo_patch()
             if system.startswith("ours"):
                 acc = pipe.backend.accel
                 if acc.unet_graphs is not None:

@@ -103,17 +103,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, batching: bool, max_batch: int, backend: str | None) -> tuple[subprocess.Popen, str]:
+MODES = {  # name -> (batching, extra environment of the server process)
+    "step-level engine": (True, {}),
+    "one at a time": (False, {}),
+    # the engine with decodes on the main stream, after each step (CUDA: what overlapping saves)
+    "engine, no overlap": (True, {"NITROFUSION_OVERLAP": "0"}),
+}
+
+
+def start_server(model: str, batching: bool, max_batch: int, backend: str | None, buckets: str | None = None,
+                 env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     args = [*CLI, "serve", "--model", model, "--port", str(port), "--max-queue", "4096", "--log-level", "warning",
             "--max-batch", str(max_batch), "--request-timeout", "3600"]
+    if buckets:
+        args += ["--buckets", buckets]
     if not batching:
         args.append("--no-batching")
     if backend:
         args += ["--backend", backend]
     # stderr to a file, not a pipe: nobody reads a pipe during the run, and a full one would stall the server
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server process
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, text=True, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -176,6 +187,9 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=4, help="P above: requests per client at each level")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--backend", default="torch", help="torch (default) or onnxruntime")
+    ap.add_argument("--buckets", default=None, help="the server's --buckets (default: its own)")
+    ap.add_argument("--modes", default="step-level engine,one at a time",
+                    help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--write", default=None, help="append the results to this markdown file (BENCHMARKS.md)")
     args = ap.parse_args()
 
@@ -199,8 +213,12 @@ def main() -> None:
         args.size = load_model(model).native_size
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, dict[int, dict]] = {}
-    for mode, batching in (("step-level engine", True), ("one at a time", False)):
-        proc, url = start_server(model, batching, args.max_batch, args.backend)
+    modes = [m.strip() for m in args.modes.split(",")]
+    if unknown := [m for m in modes if m not in MODES]:
+        raise SystemExit(f"unknown mode(s) {unknown}: use {', '.join(MODES)}")
+    for mode in modes:
+        batching, env = MODES[mode]
+        proc, url = start_server(model, batching, args.max_batch, args.backend, args.buckets, env)
         try:
             results[mode] = {}
             for c in levels:
@@ -225,10 +243,17 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for c in levels:
-        e, o = results["step-level engine"][c], results["one at a time"][c]
-        lines.append(f"| {c} | {e['images_per_s']:.2f} | {o['images_per_s']:.2f} | "
-                     f"{e['images_per_s'] / o['images_per_s']:.2f}x | {e['p50_ms']:.0f} / {e['p99_ms']:.0f} | "
-                     f"{o['p50_ms']:.0f} / {o['p99_ms']:.0f} |")
+        e, o = results.get("step-level engine", {}).get(c), results.get("one at a time", {}).get(c)
+        if e and o:
+            lines.append(f"| {c} | {e['images_per_s']:.2f} | {o['images_per_s']:.2f} | "
+                         f"{e['images_per_s'] / o['images_per_s']:.2f}x | {e['p50_ms']:.0f} / {e['p99_ms']:.0f} | "
+                         f"{o['p50_ms']:.0f} / {o['p99_ms']:.0f} |")
+    if "engine, no overlap" in results:
+        lines += ["", "| concurrency | engine, no overlap img/s | p50 / p99 ms | overlap gain |", "|---|---|---|---|"]
+        for c in levels:
+            n, e = results["engine, no overlap"][c], results.get("step-level engine", {}).get(c)
+            gain = f"{e['images_per_s'] / n['images_per_s']:.2f}x" if e else "-"
+            lines.append(f"| {c} | {n['images_per_s']:.2f} | {n['p50_ms']:.0f} / {n['p99_ms']:.0f} | {gain} |")
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     if args.write:
