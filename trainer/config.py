@@ -49,6 +49,9 @@ class OptimConfig:
     # noise in the weights, as an EMA would.
     decay_steps: int = 0
     grad_clip: float = 1.0
+    # "adamw8bit": bitsandbytes' 8-bit AdamW (optional install) for the trained network; what lets an SDXL student
+    # with its optimizer state fit beside the frozen teacher encoder on one card.
+    optimizer: str = "adamw"
     checkpoint_every: int = 200
     log_every: int = 10
 
@@ -58,6 +61,7 @@ class OptimConfig:
         _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
         _check(self.lr > 0, "lr must be > 0")
         _check(self.decay_steps >= 0, "decay_steps must be >= 0")
+        _check(self.optimizer in ("adamw", "adamw8bit"), "optim.optimizer must be adamw or adamw8bit")
         _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
 
 

@@ -210,16 +210,6 @@ class Stage:
             self._bar.close()
             self._bar = None
 
-    def optimizer_step(self, optimizer, params, optim: OptimConfig, metrics: dict[str, float]) -> None:
-        """The tail of every training step: clip, step, zero, advance, log, checkpoint on schedule."""
-        if optim.grad_clip:
-            self.acc.clip_grad_norm_(params, optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.log(metrics)
-        self.maybe_checkpoint(optim.checkpoint_every)
-
     def maybe_checkpoint(self, every: int) -> None:
         if self.step % every == 0 or self.step == self.total:
             self.save_checkpoint()
