@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .conditioning import Conditioning, unet_kwargs
 from .config import TrainConfig
 from .loop import Stage, autocast, set_lr
 from .models import NOISE_SCHEDULE, TextEncoderWrapper, add_noise, alphas_cumprod, build_unet, count_params
@@ -56,13 +57,13 @@ def sample_teacher(unet, text: TextEncoderWrapper, prompts: list[str], noise: to
         sched.set_timesteps(timesteps=[round(start - i * (start + 1) / steps) for i in range(steps)],
                             device=noise.device)
     cond = text(prompts)
-    uncond = text([""] * len(prompts))
+    both_cond = unet_kwargs(Conditioning.cat([text([""] * len(prompts)), cond]))
     x = noise * sched.init_noise_sigma
     for t in sched.timesteps:
         if guidance == 1.0:
-            eps = unet(x, t, encoder_hidden_states=cond).sample
+            eps = unet(x, t, **unet_kwargs(cond)).sample
         else:
-            both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            both = unet(torch.cat([x, x]), t, **both_cond).sample
             e_u, e_c = both.chunk(2)
             eps = e_u + guidance * (e_c - e_u)
         x = sched.step(eps, t, x).prev_sample
@@ -156,9 +157,9 @@ class TeacherJob(StageJob):
             noise = torch.randn((b, cfg.autoencoder.latent_channels, latent, latent), generator=gen)
             t, noise = t.to(x0.device), noise.to(x0.device)
             xt = add_noise(x0, noise, t, self.abar)
-            emb = self.frozen["text"](prompts)
+            cond = self.frozen["text"](prompts)
             with autocast(acc):
-                eps = self.unet(xt, t, encoder_hidden_states=emb).sample
+                eps = self.unet(xt, t, **unet_kwargs(cond)).sample
                 loss = F.mse_loss(eps.float(), noise)
             return loss, {"loss": loss}
 

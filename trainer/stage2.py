@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from nitrofusion.sampler import LCMSampler
 
+from .conditioning import Conditioning, unet_kwargs
 from .config import TrainConfig
 from .loop import Stage, autocast, set_lr, step_generator
 from .models import alphas_cumprod
@@ -75,11 +76,11 @@ def cache_batch(cache: dict, gen: torch.Generator, n: int) -> tuple[torch.Tensor
     return cache["noise"][idx], cache["x0"][idx], [cache["prompts"][i] for i in idx.tolist()]
 
 
-def one_step_x0(unet, sampler: LCMSampler, noise: torch.Tensor, emb: torch.Tensor, shift: int) -> torch.Tensor:
+def one_step_x0(unet, sampler: LCMSampler, noise: torch.Tensor, cond: Conditioning, shift: int) -> torch.Tensor:
     """The student's one-step output exactly as inference computes it (shifted timestep, LCM boundary)."""
     t = sampler.schedule(1, shift).model_timesteps[0]
     ts = torch.full((noise.shape[0],), t, dtype=torch.long, device=noise.device)
-    eps = unet(noise, ts, encoder_hidden_states=emb).sample.float()
+    eps = unet(noise, ts, **unet_kwargs(cond)).sample.float()
     return sampler.denoise(noise, eps, [t] * noise.shape[0])
 
 
