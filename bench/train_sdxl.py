@@ -206,8 +206,9 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def run_case(bench: Bench, b: int, args, deadline: float) -> dict:
-    """--warmup iterations, then up to --iters timed ones within the case budget. Out of memory -> status oom."""
+def run_case(bench: Bench, b: int, args, deadline: float, iters: int | None = None) -> dict:
+    """--warmup iterations, then up to `iters` (--iters) timed ones within the case budget. Out of memory -> oom."""
+    iters = iters or args.iters
     if bench.cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.monotonic()
@@ -216,7 +217,7 @@ def run_case(bench: Bench, b: int, args, deadline: float) -> dict:
     try:
         for _ in range(args.warmup):  # kernels chosen, optimizer state allocated
             bench.iteration(b)
-        while len(runs) < args.iters and (not runs or time.monotonic() - start < args.case_budget_s) \
+        while len(runs) < iters and (not runs or time.monotonic() - start < args.case_budget_s) \
                 and time.monotonic() < deadline:
             runs.append(bench.iteration(b))
     except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
@@ -238,13 +239,14 @@ def run_case(bench: Bench, b: int, args, deadline: float) -> dict:
 
 
 def search(bench: Bench, fits: int, args, deadline: float, record) -> int:
-    """Largest micro-batch that fits: grow x1.5 from the last fitting one, then bisect. Returns the largest seen."""
+    """Largest micro-batch that fits: grow x1.5 from the last fitting one, then bisect, one timed iteration per
+    case (the question is fit or not). Returns the largest that fitted."""
     lo, hi = fits, None
     while time.monotonic() < deadline:
         b = min(args.max_batch, math.ceil(lo * 1.5)) if hi is None else (lo + hi) // 2
         if b <= lo or (hi is not None and b >= hi):
             break
-        r = record(run_case(bench, b, args, deadline))
+        r = record(run_case(bench, b, args, deadline, iters=1))
         if r["status"] == "ok":
             lo = b
         elif r["status"] == "oom":

@@ -27,7 +27,7 @@ from trainer.nitro_step import (
 )
 from trainer.skeleton import accumulate, make_optimizer
 
-from .helpers import ROOT
+from .helpers import ROOT, load_script
 
 LATENT, SIZE = 8, 64
 PROMPTS = ["a red circle", "a blue square", "a photo of the cat", "a green dog"]
@@ -173,3 +173,28 @@ def test_training_benchmark_runs_tiny_on_the_cpu(tmp_path):
     assert data["meta"]["params"]["64"]["pool_heads"] == 4 * 5 * 3 * 4  # t* x levels x tasks x replicas
     text = md.read_text()
     assert text.startswith("\n## Stage-3 training, SDXL architecture") and "| 64^2 | 3 |" in text
+
+
+def test_benchmark_search_finds_the_largest_batch_that_fits_and_survives_out_of_memory():
+    """The search grows x1.5 from the last fitting batch, then bisects; an out-of-memory case is recorded, not fatal."""
+    from types import SimpleNamespace
+
+    bench_mod = load_script("bench/train_sdxl.py")
+
+    class FakeBench:
+        cuda, size = False, 1024
+        opt_g = opt_d = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+        def iteration(self, b):
+            if b > 13:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return {"gen_s": 0.1 * b, "opt_s": 0.01, "disc_s": 0.05 * b}
+
+    args = SimpleNamespace(warmup=1, iters=3, case_budget_s=60.0, max_batch=64)
+    rows = []
+    fake = FakeBench()
+    largest = bench_mod.search(fake, 5, args, float("inf"), lambda r: rows.append(r) or r)
+    assert largest == 13
+    assert [(r["batch"], r["status"]) for r in rows] == [(8, "ok"), (12, "ok"), (18, "oom"), (15, "oom"),
+                                                         (13, "ok"), (14, "oom")]
+    assert all(r["runs"] == 1 for r in rows if r["status"] == "ok")  # one timed iteration per search case
+    assert rows[0]["s_per_iter"] == pytest.approx(0.8 + 0.01 + 0.4)
