@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from trainer.conditioning import Conditioning
 from trainer.config import TASKS, PoolConfig, UNetConfig
-from trainer.discriminator import FrozenEncoder, HeadPool, d_loss, encoder_features, g_loss, random_crops
+from trainer.discriminator import FrozenEncoder, HeadPool, Views, d_loss, encoder_features, g_loss, random_crops
 from trainer.models import alphas_cumprod, build_unet
 
 LATENT, CTX_LEN, CTX_DIM = 8, 6, 16
@@ -21,20 +22,21 @@ def encoder():
 def make_pool(encoder, **kw):
     torch.manual_seed(0)
     cfg = PoolConfig(heads_per_slot=3, head_channels=8, **kw)
-    return HeadPool(cfg, encoder.shapes(LATENT, CTX_LEN, CTX_DIM))
+    return HeadPool(cfg, encoder.shapes(LATENT))
 
 
 def features(encoder, pool, heads, x0=None, gen_seed=0):
     b = 2
     x0 = torch.randn(b, 4, LATENT, LATENT) if x0 is None else x0
-    cond, uncond = torch.randn(b, CTX_LEN, CTX_DIM), torch.zeros(b, CTX_LEN, CTX_DIM)
-    return encoder_features(encoder, x0, 250, cond, uncond, pool.tasks_of(heads), 0.5, alphas_cumprod(),
-                            torch.Generator().manual_seed(gen_seed))
+    cond, uncond = Conditioning(torch.randn(b, CTX_LEN, CTX_DIM)), Conditioning(torch.zeros(b, CTX_LEN, CTX_DIM))
+    tasks = pool.tasks_of(heads)
+    views = Views.draw(torch.Generator().manual_seed(gen_seed), tuple(x0.shape), tasks, 0.5)
+    return encoder_features(encoder, x0, 250, cond, uncond, tasks, alphas_cumprod(), views)
 
 
 def test_encoder_returns_every_level_and_is_frozen(encoder):
     # conv_in, block 1 (resnet + downsampler), block 2 (resnet), mid block
-    shapes = encoder.shapes(LATENT, CTX_LEN, CTX_DIM)
+    shapes = encoder.shapes(LATENT)
     assert shapes == [(8, 8), (8, 8), (8, 4), (16, 4), (16, 4)]
     assert not any(p.requires_grad for p in encoder.parameters())
 

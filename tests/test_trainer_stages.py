@@ -227,3 +227,20 @@ def test_multistep_l2_targets_log_only_where_they_apply(tiny_run, tmp_path):
         seen[mode] = multi
         assert all(np.isfinite(float(r["loss_reg"])) for r in rows if int(r["steps"]) == 1)
     assert all(np.isnan(v) for v in seen["off"]) and all(np.isfinite(v) for v in seen["teacher"])
+
+
+def test_ema_student_is_exported_and_stage3_accumulates(tiny_run, tmp_path):
+    """nitro.ema_decay > 0: nitro/unet is the student's moving average (decay 0.5: after two iterations the mean of
+    the first two students; snapshots are the average too) and nitro/unet_raw the trained weights, the average in
+    the checkpoint for resuming. With nitro.optim.grad_accum=2 each iteration runs two micro-batches."""
+    _, work, _ = tiny_run
+    copy_stages(work, tmp_path, ["autoencoder", "text", "teacher", "cache", "init"])
+    cfg = apply_overrides(recipe("tiny"), ["nitro.ema_decay=0.5", "nitro.phase_steps=[2]", "nitro.snapshot_every=1",
+                                           "nitro.optim.grad_accum=2"])
+    run(cfg, tmp_path, tmp_path / "model", ["nitro"])
+    weights = lambda name: load_file(str(tmp_path / "nitro" / name / "diffusion_pytorch_model.safetensors"))  # noqa: E731
+    first, raw, ema = weights("unet_step1"), weights("unet_raw"), weights("unet")
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    for k in raw:
+        torch.testing.assert_close(ema[k], 0.5 * first[k] + 0.5 * raw[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert (tmp_path / "nitro" / "checkpoint" / "student_ema.safetensors").is_file()

@@ -49,6 +49,9 @@ class OptimConfig:
     # noise in the weights, as an EMA would.
     decay_steps: int = 0
     grad_clip: float = 1.0
+    # "adamw8bit": bitsandbytes' 8-bit AdamW (optional install) for the trained network; what lets an SDXL student
+    # with its optimizer state fit beside the frozen teacher encoder on one card.
+    optimizer: str = "adamw"
     checkpoint_every: int = 200
     log_every: int = 10
 
@@ -58,6 +61,7 @@ class OptimConfig:
         _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
         _check(self.lr > 0, "lr must be > 0")
         _check(self.decay_steps >= 0, "decay_steps must be >= 0")
+        _check(self.optimizer in ("adamw", "adamw8bit"), "optim.optimizer must be adamw or adamw8bit")
         _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
 
 
@@ -219,7 +223,11 @@ class NitroConfig:
     # The issue's targets are at 1 step, so the default is off.
     reg_multistep: str = "off"
     snapshot_every: int = 0  # also save the student as unet_step<N>/ every N iterations (0: never); for sweeps
+    # Student and (its gradient runs back through it) the frozen teacher encoder recompute activations in backward.
     gradient_checkpointing: bool = False
+    # > 0: keep an exponential moving average of the student (torch AveragedModel, updated every optimizer step),
+    # saved as nitro/unet (the trained weights as nitro/unet_raw). 0: off, the shapes recipe's choice.
+    ema_decay: float = 0.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=0, batch_size=16, lr=5e-5, warmup=0))
 
     def __post_init__(self):
@@ -230,6 +238,7 @@ class NitroConfig:
         _check(self.reg_weight >= 0 and self.adv_weight >= 0, "nitro.reg_weight and nitro.adv_weight must be >= 0")
         _check(self.reg_weight + self.adv_weight > 0, "nitro: adv_weight and reg_weight cannot both be 0")
         _check(self.snapshot_every >= 0, "nitro.snapshot_every must be >= 0")
+        _check(0 <= self.ema_decay < 1, "nitro.ema_decay must be in [0, 1)")
         _check(self.reg_multistep in ("off", "sample", "teacher"), "nitro.reg_multistep: off, sample or teacher")
         _check(1 <= len(self.phase_steps) <= 4, "nitro.phase_steps: 1 to 4 entries (max steps 1..4)")
         self.optim.steps = sum(self.phase_steps)  # total iterations; the phases decide the step count
@@ -250,10 +259,12 @@ class RunConfig:
     mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU; or "no" / "bf16" / "fp16"
     seed: int = 0
     threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
+    frozen_dtype: str = "auto"  # frozen networks' weights: auto (bf16/fp16 with mixed precision on GPUs) | fp32 | ...
 
     def __post_init__(self):
         _check(self.device in ("auto", "cpu", "cuda"), "run.device must be auto, cpu or cuda")
         _check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), "run.mixed_precision: auto|no|bf16|fp16")
+        _check(self.frozen_dtype in ("auto", "fp32", "bf16", "fp16"), "run.frozen_dtype: auto|fp32|bf16|fp16")
 
 
 @dataclass

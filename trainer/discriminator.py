@@ -9,28 +9,60 @@ iteration samples one head per (level, task) of the drawn t*, and re-initialises
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conditioning import Conditioning, zero_conditioning
 from .config import PoolConfig
 from .models import add_noise
 
 
 class FrozenEncoder(nn.Module):
-    """The teacher UNet's encoder (down blocks + mid block), frozen; gradients still flow to its input."""
+    """The teacher UNet's encoder (down blocks + mid block), frozen; gradients still flow to its input.
 
-    def __init__(self, unet):
+    Conditioned as the whole UNet is: cross-attention on the prompt embeddings and, for SDXL (`text_time`), the
+    pooled embedding and the size/crop time ids added to the timestep embedding (diffusers' `add_embedding`
+    path), so the heads judge an SDXL image against its full conditioning. `dtype` (bf16/fp16 on GPUs) stores the
+    frozen weights at half the memory; inputs are cast to it, features come out in it."""
+
+    def __init__(self, unet, dtype: torch.dtype | None = None):
         super().__init__()
         self.conv_in, self.time_proj, self.time_embedding = unet.conv_in, unet.time_proj, unet.time_embedding
         self.down_blocks, self.mid_block = unet.down_blocks, unet.mid_block
+        self.config = unet.config
+        kind = getattr(unet.config, "addition_embed_type", None)
+        extras = [n for n in ("class_embedding", "time_embed_act", "encoder_hid_proj") if getattr(unet, n, None)]
+        if kind not in (None, "text_time") or extras:
+            raise ValueError(f"FrozenEncoder supports SD1.x/SDXL UNets, not addition_embed_type={kind!r} {extras}")
+        self.add_time_proj = unet.add_time_proj if kind == "text_time" else None
+        self.add_embedding = unet.add_embedding if kind == "text_time" else None
+        if dtype is not None:
+            self.to(dtype)
         self.requires_grad_(False).eval()
         self.latent_channels = unet.config.in_channels
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> list[torch.Tensor]:
-        emb = self.time_embedding(self.time_proj(t).to(x.dtype))  # (B, C_t)
-        h = self.conv_in(x)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def embed(self, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Timestep embedding (B, C_t), plus SDXL's pooled + time-id embedding (as UNet2DConditionModel)."""
+        emb = self.time_embedding(self.time_proj(t).to(self.dtype))
+        if self.add_embedding is not None:
+            if cond.pooled is None or cond.time_ids is None:
+                raise ValueError("an SDXL encoder needs the pooled embedding and the time ids")
+            time_embeds = self.add_time_proj(cond.time_ids.flatten()).reshape(cond.pooled.shape[0], -1)
+            add = torch.cat([cond.pooled.to(time_embeds.dtype), time_embeds], dim=-1).to(self.dtype)
+            emb = emb + self.add_embedding(add)
+        return emb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
+        emb = self.embed(t, cond)
+        ctx = cond.embeds.to(self.dtype)
+        h = self.conv_in(x.to(self.dtype))
         feats = [h]
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):
@@ -44,11 +76,12 @@ class FrozenEncoder(nn.Module):
         return feats
 
     @torch.no_grad()
-    def shapes(self, latent: int, ctx_len: int, ctx_dim: int) -> list[tuple[int, int]]:
+    def shapes(self, latent: int) -> list[tuple[int, int]]:
         """(channels, side) of each feature level for a latent side, from one dry run."""
         dev = next(self.parameters()).device
         x = torch.zeros(1, self.latent_channels, latent, latent, device=dev)
-        feats = self(x, torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, ctx_len, ctx_dim, device=dev))
+        feats = self(x, torch.zeros(1, dtype=torch.long, device=dev),
+                     zero_conditioning(self.config, size=latent * 8, device=dev))
         return [(f.shape[1], f.shape[-1]) for f in feats]
 
 
@@ -151,32 +184,83 @@ class HeadPool(nn.Module):
 
     def forward(self, feats: dict[str, list[torch.Tensor]], heads: list[int]) -> dict[int, torch.Tensor]:
         """feats[task][level]: (B, C, h, w). Returns each sampled head's logit map (B, 1, h', w')."""
-        return {i: self.heads[i](feats[self.slot_of(i)[2]][self.slot_of(i)[1]]) for i in heads}
+        out = {}
+        for i in heads:
+            head, (_, level, task) = self.heads[i], self.slot_of(i)
+            x = feats[task][level]
+            out[i] = head(x.to(head.net[0].weight.dtype))
+        return out
+
+
+def crop_side(h: int, w: int, fraction: float) -> int:
+    return max(1, round(fraction * min(h, w)))
+
+
+def crop_offsets(b: int, h: int, w: int, side: int, gen: torch.Generator) -> tuple[list[int], list[int]]:
+    ys = torch.randint(0, h - side + 1, (b,), generator=gen).tolist()
+    xs = torch.randint(0, w - side + 1, (b,), generator=gen).tolist()
+    return ys, xs
+
+
+def take_crops(x: torch.Tensor, ys: list[int], xs: list[int], side: int) -> torch.Tensor:
+    return torch.stack([x[i, :, y:y + side, xx:xx + side] for i, (y, xx) in enumerate(zip(ys, xs))])
 
 
 def random_crops(x: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
     """One random square crop per row, side = fraction of the latent side: (B, C, c, c)."""
     b, _, h, w = x.shape
-    c = max(1, round(fraction * min(h, w)))
-    ys = torch.randint(0, h - c + 1, (b,), generator=gen).tolist()
-    xs = torch.randint(0, w - c + 1, (b,), generator=gen).tolist()
-    return torch.stack([x[i, :, y:y + c, xx:xx + c] for i, (y, xx) in enumerate(zip(ys, xs))])
+    side = crop_side(h, w, fraction)
+    return take_crops(x, *crop_offsets(b, h, w, side, gen), side)
 
 
-def encoder_features(encoder: FrozenEncoder, x0: torch.Tensor, t_star: int, cond: torch.Tensor,
-                     uncond: torch.Tensor, tasks: set[str], crop_fraction: float, abar: torch.Tensor,
-                     gen: torch.Generator) -> dict[str, list[torch.Tensor]]:
+@dataclass
+class Views:
+    """The randomness of one discriminator look at a batch: the noise that takes x0 to t*, and (local heads)
+    each row's crop offset. Drawn before the look, so a batch split into micro-batches sees exactly the views the
+    whole batch would (gradient accumulation), in the order one call used to draw them."""
+
+    noise: torch.Tensor  # (B, C, h, w)
+    ys: list[int] | None = None
+    xs: list[int] | None = None
+    side: int = 0
+
+    @staticmethod
+    def draw(gen: torch.Generator, shape: tuple[int, ...], tasks: set[str], crop_fraction: float) -> Views:
+        noise = torch.randn(shape, generator=gen)
+        if not tasks & {"local_cond", "local_uncond"}:
+            return Views(noise)
+        b, _, h, w = shape
+        side = crop_side(h, w, crop_fraction)
+        return Views(noise, *crop_offsets(b, h, w, side, gen), side)
+
+    def rows(self, index: slice) -> Views:
+        crop = (self.ys[index], self.xs[index]) if self.ys is not None else (None, None)
+        return Views(self.noise[index], *crop, self.side)
+
+    def split(self, n: int) -> tuple[Views, Views]:
+        """Rows [:n] and [n:]: one draw for a real-then-fake batch, as two."""
+        return self.rows(slice(0, n)), self.rows(slice(n, None))
+
+    @staticmethod
+    def cat(a: Views, b: Views) -> Views:
+        crop = (a.ys + b.ys, a.xs + b.xs) if a.ys is not None else (None, None)
+        return Views(torch.cat([a.noise, b.noise]), *crop, a.side)
+
+
+def encoder_features(encoder: FrozenEncoder, x0: torch.Tensor, t_star: int, cond: Conditioning,
+                     uncond: Conditioning, tasks: set[str], abar: torch.Tensor,
+                     views: Views) -> dict[str, list[torch.Tensor]]:
     """Noise x0 to t*, then run the frozen encoder once per needed view: whole image with the prompt
-    (global_cond), random crops with the prompt (local_cond) and the same crops with "" (local_uncond)."""
+    (global_cond), random crops with the prompt (local_cond) and the same crops with "" (local_uncond). Crops keep
+    the whole image's SDXL time ids (a choice: the paper gives none; the prompt describes the whole image too)."""
     b = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
     t = torch.full((b,), t_star, dtype=torch.long, device=x0.device)
-    xt = add_noise(x0, noise, t, abar)
+    xt = add_noise(x0, views.noise.to(x0.device, x0.dtype), t, abar)
     feats: dict[str, list[torch.Tensor]] = {}
     if "global_cond" in tasks:
         feats["global_cond"] = encoder(xt, t, cond)
     if tasks & {"local_cond", "local_uncond"}:
-        crops = random_crops(xt, crop_fraction, gen)
+        crops = take_crops(xt, views.ys, views.xs, views.side)
         if "local_cond" in tasks:
             feats["local_cond"] = encoder(crops, t, cond)
         if "local_uncond" in tasks:

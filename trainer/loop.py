@@ -70,6 +70,15 @@ def autocast(accelerator):
     return accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
 
 
+def frozen_dtype(run: RunConfig, accelerator) -> torch.dtype:
+    """Storage dtype of frozen networks (the teacher encoder): run.frozen_dtype, "auto" = the mixed-precision dtype
+    on GPUs (half the memory; autocast computes in it anyway), float32 on the CPU."""
+    name = run.frozen_dtype
+    if name == "auto":
+        name = accelerator.mixed_precision if accelerator.device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name, torch.float32)
+
+
 def micro_contexts(accelerator, model, n: int):
     """Gradient accumulation over n micro-steps: skip DDP's all-reduce on all but the last backward."""
     for i in range(n):
@@ -209,16 +218,6 @@ class Stage:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-    def optimizer_step(self, optimizer, params, optim: OptimConfig, metrics: dict[str, float]) -> None:
-        """The tail of every training step: clip, step, zero, advance, log, checkpoint on schedule."""
-        if optim.grad_clip:
-            self.acc.clip_grad_norm_(params, optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.log(metrics)
-        self.maybe_checkpoint(optim.checkpoint_every)
 
     def maybe_checkpoint(self, every: int) -> None:
         if self.step % every == 0 or self.step == self.total:

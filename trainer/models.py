@@ -126,14 +126,17 @@ def count_params(module: torch.nn.Module) -> int:
 
 
 class TextEncoderWrapper:
-    """Tokenise + encode like the inference backend's SD1.x path: last hidden state, padded to max length."""
+    """Tokenise + encode like the inference backend's SD1.x path: last hidden state, padded to max length.
+    Returns a `Conditioning` with the embeddings only (SDXL's pooled + time ids: conditioning.SDXLTextEncoder)."""
 
     def __init__(self, tokenizer, encoder, device):
         self.tokenizer, self.encoder, self.device = tokenizer, encoder, device
         self._cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str]):
+        from .conditioning import Conditioning
+
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
             ids = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -141,4 +144,4 @@ class TextEncoderWrapper:
             out = self.encoder(ids)[0].float()  # (B, L, D)
             for p, e in zip(missing, out):
                 self._cache[p] = e
-        return torch.stack([self._cache[p] for p in prompts])  # (B, L, D)
+        return Conditioning(torch.stack([self._cache[p] for p in prompts]))  # (B, L, D)

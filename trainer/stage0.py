@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .loop import Stage, autocast, micro_contexts, set_lr
+from .loop import Stage, autocast, set_lr
 from .models import build_text_encoder, build_tokenizer, build_vae, count_params
 from .shapes import COLOURS, FILLS, POSITIONS, SHAPES, SIZES, ShapesDataset
+from .skeleton import StageJob, accumulate, make_optimizer, run_stage, step_optimizer
 
 
 def batch_indices(stage: Stage, batch_size: int, micro: int, accum: int) -> range:
@@ -41,55 +42,69 @@ class VAETrainee(torch.nn.Module):
         return self.vae.decode(z).sample, posterior.kl().mean() / x[0].numel()
 
 
-def train_autoencoder(cfg: TrainConfig, folder: Path, accelerator) -> Path:
+class AutoencoderJob(StageJob):
     """L1 + L2 reconstruction + a tiny KL. Flat colours need no perceptual or GAN loss at this size.
     Output: folder/vae (diffusers AutoencoderKL) with scaling_factor set so latents have unit std."""
-    c = cfg.autoencoder
-    stage = Stage("autoencoder", folder, cfg, accelerator, c.optim.steps)
-    stage.log_every = c.optim.log_every
-    if stage.done:
-        return folder / "vae"
-    torch.manual_seed(cfg.run.seed)
-    vae = VAETrainee(build_vae(c, cfg.data.image_size))
-    opt = torch.optim.AdamW(vae.parameters(), lr=c.optim.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
-    stage.register("vae", vae, opt)
-    stage.load_checkpoint()
-    if accelerator.is_main_process and stage.step == 0:
-        print(f"[autoencoder] {count_params(vae) / 1e6:.2f}M params", flush=True)
-    vae, opt = accelerator.prepare(vae, opt)
-    data = ShapesDataset(cfg.data.image_size, cfg.data.seed, "train", cfg.data.heldout_fraction)
-    vae.train()
-    while stage.step < stage.total:
-        set_lr(opt, c.optim, stage.step)
+
+    name = "autoencoder"
+
+    @property
+    def optim(self):
+        return self.cfg.autoencoder.optim
+
+    def outputs(self) -> Path:
+        return self.folder / "vae"
+
+    def build(self, stage: Stage) -> None:
+        torch.manual_seed(self.cfg.run.seed)
+        self.vae = VAETrainee(build_vae(self.cfg.autoencoder, self.cfg.data.image_size))
+        self.opt = make_optimizer(self.vae.parameters(), self.optim)
+        stage.register("vae", self.vae, self.opt)
+
+    def describe(self) -> str:
+        return f"{count_params(self.vae) / 1e6:.2f}M params"
+
+    def start(self, stage: Stage) -> None:
+        self.vae, self.opt = self.acc.prepare(self.vae, self.opt)
+        cfg = self.cfg
+        self.data = ShapesDataset(cfg.data.image_size, cfg.data.seed, "train", cfg.data.heldout_fraction)
+        self.vae.train()
+
+    def iteration(self, stage: Stage) -> dict[str, float]:
+        c, acc = self.cfg.autoencoder, self.acc
+        set_lr(self.opt, c.optim, stage.step)
         gen = stage.gen()
-        logs = {"rec": 0.0, "kl": 0.0}
-        for micro, ctx in micro_contexts(accelerator, vae, c.optim.grad_accum):
-            images, _ = data.batch(batch_indices(stage, c.optim.batch_size, micro, c.optim.grad_accum))
+
+        def micro(i: int):
+            images, _ = self.data.batch(batch_indices(stage, c.optim.batch_size, i, c.optim.grad_accum))
             x = torch.from_numpy(images)  # (B, 3, H, W) in [-1, 1]
             if c.crop_size and c.crop_size < x.shape[-1]:
                 x = random_crop(x, c.crop_size, gen)
-            x = x.to(accelerator.device)
+            x = x.to(acc.device)
             eps = torch.randn((x.shape[0], c.latent_channels, *(d // 8 for d in x.shape[2:])), generator=gen)
-            with ctx, autocast(accelerator):
-                rec, kl = vae(x, eps.to(x.device))
+            with autocast(acc):
+                rec, kl = self.vae(x, eps.to(x.device))
                 rec_loss = F.l1_loss(rec.float(), x) + F.mse_loss(rec.float(), x)
-                loss = (rec_loss + c.kl_weight * kl) / c.optim.grad_accum
-                accelerator.backward(loss)
-            logs["rec"] += rec_loss.item() / c.optim.grad_accum
-            logs["kl"] += kl.item() / c.optim.grad_accum
-        stage.optimizer_step(opt, vae.parameters(), c.optim, logs)
-    stage.close()
+                return rec_loss + c.kl_weight * kl, {"rec": rec_loss, "kl": kl}
 
-    # Latent scale: 1 / std of the latent means over a fixed batch (as SD's 0.18215 was chosen).
-    model = accelerator.unwrap_model(vae).vae.eval()
-    with torch.no_grad():
-        images, _ = data.batch(range(10**7, 10**7 + 64))
-        z = model.encode(torch.from_numpy(images).to(accelerator.device)).latent_dist.mean
-        model.register_to_config(scaling_factor=float(1.0 / z.float().std().clamp_min(1e-6)))
-    if accelerator.is_main_process:
-        model.save_pretrained(folder / "vae")
-    stage.mark_done()
-    return folder / "vae"
+        logs = accumulate(acc, self.vae, c.optim.grad_accum, micro)
+        step_optimizer(acc, self.opt, self.vae.parameters(), c.optim)
+        return logs
+
+    def finish(self, stage: Stage) -> None:
+        # Latent scale: 1 / std of the latent means over a fixed batch (as SD's 0.18215 was chosen).
+        self.model = self.acc.unwrap_model(self.vae).vae.eval()
+        with torch.no_grad():
+            images, _ = self.data.batch(range(10**7, 10**7 + 64))
+            z = self.model.encode(torch.from_numpy(images).to(self.acc.device)).latent_dist.mean
+            self.model.register_to_config(scaling_factor=float(1.0 / z.float().std().clamp_min(1e-6)))
+
+    def save(self) -> None:
+        self.model.save_pretrained(self.folder / "vae")
+
+
+def train_autoencoder(cfg: TrainConfig, folder: Path, accelerator) -> Path:
+    return run_stage(AutoencoderJob(cfg, folder, accelerator))
 
 
 class AttributeProbe(torch.nn.Module):
@@ -126,38 +141,52 @@ class TextTrainee(torch.nn.Module):
         return self.probe.loss(out.pooler_output, attrs) + self.probe.loss(mean, attrs)
 
 
-def train_text(cfg: TrainConfig, folder: Path, accelerator) -> tuple[Path, Path]:
+class TextJob(StageJob):
     """Output: folder/tokenizer and folder/text_encoder (transformers CLIPTokenizer / CLIPTextModel)."""
-    c = cfg.text
-    stage = Stage("text", folder, cfg, accelerator, c.optim.steps)
-    stage.log_every = c.optim.log_every
-    if stage.done:
-        return folder / "tokenizer", folder / "text_encoder"
-    torch.manual_seed(cfg.run.seed)
-    tok = build_tokenizer(c.max_length)
-    model = TextTrainee(build_text_encoder(c, tok), AttributeProbe(c.hidden_size))
-    opt = torch.optim.AdamW(model.parameters(), lr=c.optim.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
-    stage.register("text", model, opt)
-    stage.load_checkpoint()
-    model, opt = accelerator.prepare(model, opt)
-    data = ShapesDataset(cfg.data.image_size, cfg.data.seed, "train", cfg.data.heldout_fraction)
-    while stage.step < stage.total:
-        set_lr(opt, c.optim, stage.step)
-        total = 0.0
-        for micro, ctx in micro_contexts(accelerator, model, c.optim.grad_accum):
-            idx = batch_indices(stage, c.optim.batch_size, micro, c.optim.grad_accum)
-            attrs = [data.attributes(i)[0] for i in idx]
-            prompts = data.prompts(idx)
-            ids = tok(prompts, padding="max_length", max_length=c.max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(accelerator.device)
-            with ctx, autocast(accelerator):
-                loss = model(ids, attrs) / c.optim.grad_accum
-                accelerator.backward(loss)
-            total += loss.item()
-        stage.optimizer_step(opt, model.parameters(), c.optim, {"loss": total})
-    stage.close()
-    if accelerator.is_main_process:
-        tok.save_pretrained(folder / "tokenizer")
-        accelerator.unwrap_model(model).encoder.save_pretrained(folder / "text_encoder")
-    stage.mark_done()
-    return folder / "tokenizer", folder / "text_encoder"
+
+    name = "text"
+
+    @property
+    def optim(self):
+        return self.cfg.text.optim
+
+    def outputs(self) -> tuple[Path, Path]:
+        return self.folder / "tokenizer", self.folder / "text_encoder"
+
+    def build(self, stage: Stage) -> None:
+        c = self.cfg.text
+        torch.manual_seed(self.cfg.run.seed)
+        self.tok = build_tokenizer(c.max_length)
+        self.model = TextTrainee(build_text_encoder(c, self.tok), AttributeProbe(c.hidden_size))
+        self.opt = make_optimizer(self.model.parameters(), c.optim)
+        stage.register("text", self.model, self.opt)
+
+    def start(self, stage: Stage) -> None:
+        self.model, self.opt = self.acc.prepare(self.model, self.opt)
+        cfg = self.cfg
+        self.data = ShapesDataset(cfg.data.image_size, cfg.data.seed, "train", cfg.data.heldout_fraction)
+
+    def iteration(self, stage: Stage) -> dict[str, float]:
+        c, acc = self.cfg.text, self.acc
+        set_lr(self.opt, c.optim, stage.step)
+
+        def micro(i: int):
+            idx = batch_indices(stage, c.optim.batch_size, i, c.optim.grad_accum)
+            attrs = [self.data.attributes(j)[0] for j in idx]
+            ids = self.tok(self.data.prompts(idx), padding="max_length", max_length=c.max_length, truncation=True,
+                           return_tensors="pt").input_ids.to(acc.device)
+            with autocast(acc):
+                loss = self.model(ids, attrs)
+            return loss, {"loss": loss}
+
+        logs = accumulate(acc, self.model, c.optim.grad_accum, micro)
+        step_optimizer(acc, self.opt, self.model.parameters(), c.optim)
+        return logs
+
+    def save(self) -> None:
+        self.tok.save_pretrained(self.folder / "tokenizer")
+        self.acc.unwrap_model(self.model).encoder.save_pretrained(self.folder / "text_encoder")
+
+
+def train_text(cfg: TrainConfig, folder: Path, accelerator) -> tuple[Path, Path]:
+    return run_stage(TextJob(cfg, folder, accelerator))

@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .conditioning import Conditioning, unet_kwargs
 from .config import TrainConfig
-from .loop import Stage, autocast, micro_contexts, set_lr
+from .loop import Stage, autocast, set_lr
 from .models import NOISE_SCHEDULE, TextEncoderWrapper, add_noise, alphas_cumprod, build_unet, count_params
 from .shapes import ShapesDataset
+from .skeleton import StageJob, accumulate, make_optimizer, run_stage, step_optimizer
 from .stage0 import batch_indices
 
 
@@ -55,13 +57,13 @@ def sample_teacher(unet, text: TextEncoderWrapper, prompts: list[str], noise: to
         sched.set_timesteps(timesteps=[round(start - i * (start + 1) / steps) for i in range(steps)],
                             device=noise.device)
     cond = text(prompts)
-    uncond = text([""] * len(prompts))
+    both_cond = unet_kwargs(Conditioning.cat([text([""] * len(prompts)), cond]))
     x = noise * sched.init_noise_sigma
     for t in sched.timesteps:
         if guidance == 1.0:
-            eps = unet(x, t, encoder_hidden_states=cond).sample
+            eps = unet(x, t, **unet_kwargs(cond)).sample
         else:
-            both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            both = unet(torch.cat([x, x]), t, **both_cond).sample
             e_u, e_c = both.chunk(2)
             eps = e_u + guidance * (e_c - e_u)
         x = sched.step(eps, t, x).prev_sample
@@ -94,58 +96,80 @@ def latent_pool(cfg: TrainConfig, folder: Path, vae, data: ShapesDataset, accele
     return pool
 
 
-def train_teacher(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], accelerator) -> Path:
+class TeacherJob(StageJob):
     """Output: folder/unet (diffusers UNet2DConditionModel)."""
-    c = cfg.teacher
-    stage = Stage("teacher", folder, cfg, accelerator, c.optim.steps)
-    stage.log_every = c.optim.log_every
-    if stage.done:
-        return folder / "unet"
-    frozen = load_frozen(frozen_dirs, accelerator.device)
-    latent = cfg.data.image_size // 8
-    torch.manual_seed(cfg.run.seed)
-    unet = build_unet(c.unet, latent, frozen["text_encoder"].config.hidden_size, frozen["vae"].config.latent_channels)
-    if c.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(unet.parameters(), lr=c.optim.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
-    stage.register("unet", unet, opt)
-    stage.load_checkpoint()
-    if accelerator.is_main_process and stage.step == 0:
-        print(f"[teacher] {count_params(unet) / 1e6:.2f}M params", flush=True)
-    unet, opt = accelerator.prepare(unet, opt)
-    abar = alphas_cumprod()
-    data = ShapesDataset(cfg.data.image_size, cfg.data.seed, "train", cfg.data.heldout_fraction)
-    pool = latent_pool(cfg, folder, frozen["vae"], data, accelerator) if c.latent_pool else None
-    unet.train()
-    while stage.step < stage.total:
-        set_lr(opt, c.optim, stage.step)
+
+    name = "teacher"
+
+    def __init__(self, cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], accelerator):
+        super().__init__(cfg, folder, accelerator)
+        self.frozen_dirs = frozen_dirs
+
+    @property
+    def optim(self):
+        return self.cfg.teacher.optim
+
+    def outputs(self) -> Path:
+        return self.folder / "unet"
+
+    def build(self, stage: Stage) -> None:
+        cfg, c = self.cfg, self.cfg.teacher
+        self.frozen = frozen = load_frozen(self.frozen_dirs, self.acc.device)
+        torch.manual_seed(cfg.run.seed)
+        self.unet = build_unet(c.unet, cfg.data.image_size // 8, frozen["text_encoder"].config.hidden_size,
+                               frozen["vae"].config.latent_channels)
+        if c.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.opt = make_optimizer(self.unet.parameters(), c.optim)
+        stage.register("unet", self.unet, self.opt)
+
+    def describe(self) -> str:
+        return f"{count_params(self.unet) / 1e6:.2f}M params"
+
+    def start(self, stage: Stage) -> None:
+        cfg = self.cfg
+        self.unet, self.opt = self.acc.prepare(self.unet, self.opt)
+        self.abar = alphas_cumprod()
+        self.data = ShapesDataset(cfg.data.image_size, cfg.data.seed, "train", cfg.data.heldout_fraction)
+        self.pool = (latent_pool(cfg, self.folder, self.frozen["vae"], self.data, self.acc)
+                     if cfg.teacher.latent_pool else None)
+        self.unet.train()
+
+    def iteration(self, stage: Stage) -> dict[str, float]:
+        cfg, c, acc, pool = self.cfg, self.cfg.teacher, self.acc, self.pool
+        latent = cfg.data.image_size // 8
+        set_lr(self.opt, c.optim, stage.step)
         gen = stage.gen()
-        total = 0.0
-        for micro, ctx in micro_contexts(accelerator, unet, c.optim.grad_accum):
-            idx = batch_indices(stage, c.optim.batch_size, micro, c.optim.grad_accum)
+
+        def micro(i: int):
+            idx = batch_indices(stage, c.optim.batch_size, i, c.optim.grad_accum)
             if pool is not None:  # indices into the pre-encoded pool, drawn from this step's generator
                 pick = torch.randint(len(pool["prompts"]), (len(idx),), generator=gen)
-                x0 = pool["latents"][pick].to(accelerator.device)
-                prompts = [pool["prompts"][i] for i in pick.tolist()]
+                x0 = pool["latents"][pick].to(acc.device)
+                prompts = [pool["prompts"][j] for j in pick.tolist()]
             else:
-                images, prompts = data.batch(idx)
-                x0 = encode_images(frozen["vae"], torch.from_numpy(images).to(accelerator.device))
+                images, prompts = self.data.batch(idx)
+                x0 = encode_images(self.frozen["vae"], torch.from_numpy(images).to(acc.device))
             b = len(prompts)
             drop = torch.rand(b, generator=gen) < c.cond_dropout
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
             t = torch.randint(0, 1000, (b,), generator=gen)
             noise = torch.randn((b, cfg.autoencoder.latent_channels, latent, latent), generator=gen)
             t, noise = t.to(x0.device), noise.to(x0.device)
-            xt = add_noise(x0, noise, t, abar)
-            ctx_emb = frozen["text"](prompts)
-            with ctx, autocast(accelerator):
-                eps = unet(xt, t, encoder_hidden_states=ctx_emb).sample
-                loss = F.mse_loss(eps.float(), noise) / c.optim.grad_accum
-                accelerator.backward(loss)
-            total += loss.item()
-        stage.optimizer_step(opt, unet.parameters(), c.optim, {"loss": total})
-    stage.close()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(unet).save_pretrained(folder / "unet")
-    stage.mark_done()
-    return folder / "unet"
+            xt = add_noise(x0, noise, t, self.abar)
+            cond = self.frozen["text"](prompts)
+            with autocast(acc):
+                eps = self.unet(xt, t, **unet_kwargs(cond)).sample
+                loss = F.mse_loss(eps.float(), noise)
+            return loss, {"loss": loss}
+
+        logs = accumulate(acc, self.unet, c.optim.grad_accum, micro)
+        step_optimizer(acc, self.opt, self.unet.parameters(), c.optim)
+        return logs
+
+    def save(self) -> None:
+        self.acc.unwrap_model(self.unet).save_pretrained(self.folder / "unet")
+
+
+def train_teacher(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], accelerator) -> Path:
+    return run_stage(TeacherJob(cfg, folder, frozen_dirs, accelerator))

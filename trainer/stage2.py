@@ -17,10 +17,12 @@ import torch.nn.functional as F
 
 from nitrofusion.sampler import LCMSampler
 
+from .conditioning import Conditioning, unet_kwargs
 from .config import TrainConfig
-from .loop import Stage, autocast, micro_contexts, set_lr, step_generator
+from .loop import Stage, autocast, set_lr, step_generator
 from .models import alphas_cumprod
 from .shapes import ShapesDataset
+from .skeleton import StageJob, accumulate, make_optimizer, run_stage, step_optimizer
 from .stage1 import load_frozen, sample_teacher
 
 CACHE_PROMPT_OFFSET = 10**8  # dataset indices for cache prompts: far from the teacher's training stream
@@ -74,51 +76,69 @@ def cache_batch(cache: dict, gen: torch.Generator, n: int) -> tuple[torch.Tensor
     return cache["noise"][idx], cache["x0"][idx], [cache["prompts"][i] for i in idx.tolist()]
 
 
-def one_step_x0(unet, sampler: LCMSampler, noise: torch.Tensor, emb: torch.Tensor, shift: int) -> torch.Tensor:
+def one_step_x0(unet, sampler: LCMSampler, noise: torch.Tensor, cond: Conditioning, shift: int) -> torch.Tensor:
     """The student's one-step output exactly as inference computes it (shifted timestep, LCM boundary)."""
     t = sampler.schedule(1, shift).model_timesteps[0]
     ts = torch.full((noise.shape[0],), t, dtype=torch.long, device=noise.device)
-    eps = unet(noise, ts, encoder_hidden_states=emb).sample.float()
+    eps = unet(noise, ts, **unet_kwargs(cond)).sample.float()
     return sampler.denoise(noise, eps, [t] * noise.shape[0])
+
+
+class InitJob(StageJob):
+    """Output: folder/unet, the one-step student the adversarial stage starts from."""
+
+    name = "init"
+
+    def __init__(self, cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], teacher_dir: Path,
+                 cache_dir: Path, accelerator):
+        super().__init__(cfg, folder, accelerator)
+        self.frozen_dirs, self.teacher_dir, self.cache_dir = frozen_dirs, teacher_dir, cache_dir
+
+    @property
+    def optim(self):
+        return self.cfg.init.optim
+
+    def outputs(self) -> Path:
+        return self.folder / "unet"
+
+    def build(self, stage: Stage) -> None:
+        from diffusers import UNet2DConditionModel
+
+        self.frozen = load_frozen(self.frozen_dirs, self.acc.device)
+        self.unet = UNet2DConditionModel.from_pretrained(self.teacher_dir)
+        if self.cfg.init.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.opt = make_optimizer(self.unet.parameters(), self.optim)
+        stage.register("unet", self.unet, self.opt)
+
+    def start(self, stage: Stage) -> None:
+        self.unet, self.opt = self.acc.prepare(self.unet, self.opt)
+        self.unet.train()
+        self.cache = load_cache(self.cache_dir)
+        self.sampler = LCMSampler(alphas_cumprod())
+
+    def iteration(self, stage: Stage) -> dict[str, float]:
+        c, acc = self.cfg.init, self.acc
+        set_lr(self.opt, c.optim, stage.step)
+        gen = stage.gen()
+
+        def micro(i: int):
+            noise, x0, prompts = cache_batch(self.cache, gen, c.optim.batch_size)
+            noise, x0 = noise.to(acc.device), x0.to(acc.device)
+            emb = self.frozen["text"](prompts)
+            with autocast(acc):
+                pred = one_step_x0(self.unet, self.sampler, noise, emb, self.cfg.nitro.shift)
+                loss = F.mse_loss(pred.float(), x0)
+            return loss, {"loss": loss}
+
+        logs = accumulate(acc, self.unet, c.optim.grad_accum, micro)
+        step_optimizer(acc, self.opt, self.unet.parameters(), c.optim)
+        return logs
+
+    def save(self) -> None:
+        self.acc.unwrap_model(self.unet).save_pretrained(self.folder / "unet")
 
 
 def train_init(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], teacher_dir: Path, cache_dir: Path,
                accelerator) -> Path:
-    """Output: folder/unet, the one-step student the adversarial stage starts from."""
-    from diffusers import UNet2DConditionModel
-
-    c = cfg.init
-    stage = Stage("init", folder, cfg, accelerator, c.optim.steps)
-    stage.log_every = c.optim.log_every
-    if stage.done:
-        return folder / "unet"
-    frozen = load_frozen(frozen_dirs, accelerator.device)
-    unet = UNet2DConditionModel.from_pretrained(teacher_dir)
-    if c.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(unet.parameters(), lr=c.optim.lr, betas=c.optim.betas, weight_decay=c.optim.weight_decay)
-    stage.register("unet", unet, opt)
-    stage.load_checkpoint()
-    unet, opt = accelerator.prepare(unet, opt)
-    unet.train()
-    cache = load_cache(cache_dir)
-    sampler = LCMSampler(alphas_cumprod())
-    while stage.step < stage.total:
-        set_lr(opt, c.optim, stage.step)
-        gen = stage.gen()
-        total = 0.0
-        for _, ctx in micro_contexts(accelerator, unet, c.optim.grad_accum):
-            noise, x0, prompts = cache_batch(cache, gen, c.optim.batch_size)
-            noise, x0 = noise.to(accelerator.device), x0.to(accelerator.device)
-            emb = frozen["text"](prompts)
-            with ctx, autocast(accelerator):
-                pred = one_step_x0(unet, sampler, noise, emb, cfg.nitro.shift)
-                loss = F.mse_loss(pred.float(), x0) / c.optim.grad_accum
-                accelerator.backward(loss)
-            total += loss.item()
-        stage.optimizer_step(opt, unet.parameters(), c.optim, {"loss": total})
-    stage.close()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(unet).save_pretrained(folder / "unet")
-    stage.mark_done()
-    return folder / "unet"
+    return run_stage(InitJob(cfg, folder, frozen_dirs, teacher_dir, cache_dir, accelerator))

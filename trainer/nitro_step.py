@@ -1,0 +1,210 @@
+"""One stage-3 iteration's two halves (paper Sec. 3.2-3.3): the generator step and the discriminator step.
+
+Both read a `Plan` (the choices every rank shares: t*, the sampled heads, the step count) and a `Batch` (the
+iteration's rows and all of their randomness, drawn up front). A batch of k x n rows runs as k micro-batches of
+n with gradients accumulated (`nitro.optim.grad_accum`; the paper: 5 x 20): every micro-batch takes its rows of
+the one batch, so the update equals the one a k x n batch would give, up to float summation order. Conditioning is
+a `Conditioning` (embeddings, plus SDXL's pooled embedding and time ids). `stage3.NitroJob` builds the networks and
+draws each iteration from the teacher cache; bench/train_sdxl.py runs these same functions on SDXL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nitrofusion.sampler import LCMSampler
+
+from .conditioning import Conditioning, rows, unet_kwargs
+from .config import NitroConfig
+from .discriminator import FrozenEncoder, HeadPool, Views, d_loss, encoder_features, g_loss
+from .loop import autocast, micro_contexts
+
+
+@dataclass
+class NitroNets:
+    """What the two steps run. `student`/`pool` may be DDP-wrapped; `raw_*` are the unwrapped modules."""
+
+    accelerator: object
+    student: torch.nn.Module
+    raw_student: torch.nn.Module
+    encoder: FrozenEncoder
+    pool: torch.nn.Module
+    raw_pool: HeadPool
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sampler: LCMSampler
+    ema: torch.nn.Module | None = None  # torch.optim.swa_utils.AveragedModel of the student (nitro.ema_decay)
+    teacher: torch.nn.Module | None = None  # the whole teacher, only for nitro.reg_multistep=teacher
+    text: object = None  # prompts -> Conditioning, for the teacher's k-step targets
+    teacher_steps: int = 0
+    guidance: float = 1.0
+
+    @property
+    def abar(self) -> torch.Tensor:
+        return self.sampler.alphas_cumprod
+
+
+@dataclass
+class Plan:
+    """One iteration's choices, the same on every rank (drawn from the rank-free generator)."""
+
+    t_star: int
+    heads: list[int]
+    steps: int  # k: the student generates with k steps, gradients through the last
+    reg: float  # weight of the L2 anchor this iteration (0: none)
+    tasks: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Batch:
+    """One iteration's rows (grad_accum x batch_size of them) and all their randomness."""
+
+    noise: torch.Tensor  # (B, C, h, w) the student's starting noise
+    target: torch.Tensor  # (B, C, h, w) teacher x0 for the L2 anchor
+    prompts: list[str]
+    cond: Conditioning
+    real: torch.Tensor  # (B, C, h, w) the heads' real x0
+    real_cond: Conditioning
+    uncond: Conditioning  # the empty prompt's, B rows
+    renoise: list[torch.Tensor]  # steps - 1 x (B, C, h, w): fresh noise of each re-noising
+    g_views: Views  # the generator step's look at the fakes
+    d_views: list[tuple[Views, Views]]  # per discriminator update: (reals, fakes)
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+    def rows(self, i: slice) -> Batch:
+        return Batch(self.noise[i], self.target[i], self.prompts[i], rows(self.cond, i), self.real[i],
+                     rows(self.real_cond, i), rows(self.uncond, i), [z[i] for z in self.renoise],
+                     self.g_views.rows(i), [(r.rows(i), f.rows(i)) for r, f in self.d_views])
+
+
+def draw_noises(gen: torch.Generator, shape: tuple[int, ...], plan: Plan, c: NitroConfig):
+    """The iteration's noise after its data: re-noising z per extra step, then the generator's view of the fakes,
+    then one (real, fake) view per discriminator update; in the order the steps consume them."""
+    renoise = [torch.randn(shape, generator=gen) for _ in range(plan.steps - 1)]
+    g_views = Views.draw(gen, shape, plan.tasks, c.pool.crop_fraction)
+    both = (2 * shape[0], *shape[1:])
+    d_views = [Views.draw(gen, both, plan.tasks, c.pool.crop_fraction).split(shape[0]) for _ in range(c.disc_steps)]
+    return renoise, g_views, d_views
+
+
+def student_x0(student, sampler: LCMSampler, noise: torch.Tensor, cond: Conditioning, steps: int, shift: int,
+               renoise: list[torch.Tensor], no_grad_model=None, with_input: bool = False):
+    """k-step generation as inference does it; gradients only through the last step (bottom-up refinement), so
+    memory is one UNet forward's whatever k is. with_input: also return the last step's input latents
+    (detached), at noise level schedule.levels[-1]."""
+    sched = sampler.schedule(steps, shift)
+    b = noise.shape[0]
+    x = noise
+    frozen_call = no_grad_model or student
+    kwargs = unet_kwargs(cond)
+    for j in range(steps):
+        t = sched.model_timesteps[j]
+        ts = torch.full((b,), t, dtype=torch.long, device=x.device)
+        if j < steps - 1:
+            with torch.no_grad():
+                eps = frozen_call(x, ts, **kwargs).sample.float()
+                _, x = sampler.step(x, eps, [t] * b, [sched.next_level(j)] * b, renoise[j].to(x.device))
+        else:
+            eps = student(x, ts, **kwargs).sample.float()
+            x0 = sampler.denoise(x, eps, [t] * b)
+            return (x0, x.detach()) if with_input else x0
+    raise AssertionError("unreachable")
+
+
+def micro_slices(total: int, n: int) -> list[slice]:
+    if total % n:
+        raise ValueError(f"a batch of {total} rows does not split into micro-batches of {n}")
+    return [slice(i, i + n) for i in range(0, total, n)]
+
+
+def generator_backward(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig,
+                       micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Gradients of adv_weight x the sampled heads' adversarial loss on the student's x0 (+ reg x the L2 anchor)
+    into the student, micro-batch by micro-batch. Returns the detached fakes (B, C, h, w) and the mean losses."""
+    from .stage1 import sample_teacher
+
+    acc = nets.accelerator
+    multi = acc.num_processes > 1
+    parts = micro_slices(len(batch), micro)
+    fakes, adv, reg_sum = [], 0.0, 0.0
+    for (_, ctx), sl in zip(micro_contexts(acc, nets.student, len(parts)), parts):
+        mb = batch.rows(sl)
+        target = mb.target
+        with ctx, autocast(acc):
+            fake, last_in = student_x0(nets.student, nets.sampler, mb.noise, mb.cond, plan.steps, c.shift,
+                                       mb.renoise, no_grad_model=nets.raw_student, with_input=True)
+            if plan.reg and plan.steps > 1 and c.reg_multistep == "teacher":
+                # The teacher's answer for the student's own re-noised input: a well-posed k-step target.
+                level = nets.sampler.schedule(plan.steps, c.shift).levels[-1]
+                target = sample_teacher(nets.teacher, nets.text, mb.prompts, last_in,
+                                        max(2, round(nets.teacher_steps * level / 1000)), nets.guidance,
+                                        start=level).float()
+            feats = encoder_features(nets.encoder, fake, plan.t_star, mb.cond, mb.uncond, plan.tasks, nets.abar,
+                                     mb.g_views)
+            # The heads are only judges here: run them outside DDP's gradient sync; their grads are dropped.
+            with acc.no_sync(nets.pool) if multi else torch.enable_grad():
+                loss_adv = g_loss(nets.pool(feats, plan.heads), c.loss)
+                loss_reg = F.mse_loss(fake, target) if plan.reg else torch.zeros((), device=fake.device)
+                loss_g = c.adv_weight * loss_adv + plan.reg * loss_reg
+                acc.backward(loss_g / len(parts))
+        fakes.append(fake.detach())
+        adv += loss_adv.item() / len(parts)
+        reg_sum += loss_reg.item() / len(parts)
+    logs = {"loss_g": adv}
+    if c.reg_weight:
+        logs["loss_reg"] = reg_sum if plan.reg else float("nan")
+    return torch.cat(fakes), logs
+
+
+def generator_step(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig,
+                   micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """`generator_backward`, then one optimizer step of the student (and its EMA, when on)."""
+    fake, logs = generator_backward(nets, plan, batch, c, micro)
+    acc = nets.accelerator
+    if c.optim.grad_clip:
+        acc.clip_grad_norm_(nets.student.parameters(), c.optim.grad_clip)
+    nets.opt_g.step()
+    nets.opt_g.zero_grad(set_to_none=True)
+    nets.opt_d.zero_grad(set_to_none=True)  # the judges' gradients from the generator loss are not theirs to keep
+    if nets.ema is not None:
+        nets.ema.update_parameters(nets.raw_student)
+    return fake, logs
+
+
+def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch, fake: torch.Tensor, c: NitroConfig,
+                           micro: int, update: int = 0) -> float:
+    """Gradients of the sampled heads' loss, reals vs the detached fakes, for discriminator update `update`; real
+    and fake rows in one batch, so each head runs once per micro-batch. Returns the mean loss."""
+    acc = nets.accelerator
+    parts = micro_slices(len(batch), micro)
+    total = 0.0
+    for (_, ctx), sl in zip(micro_contexts(acc, nets.pool, len(parts)), parts):
+        mb = batch.rows(sl)
+        real_views, fake_views = mb.d_views[update]
+        n = mb.real.shape[0]
+        with ctx, autocast(acc):
+            with torch.no_grad():
+                both = encoder_features(nets.encoder, torch.cat([mb.real, fake[sl]]), plan.t_star,
+                                        Conditioning.cat([mb.real_cond, mb.cond]),
+                                        Conditioning.cat([mb.uncond, mb.uncond]), plan.tasks, nets.abar,
+                                        Views.cat(real_views, fake_views))
+            logits = nets.pool(both, plan.heads)
+            loss_d = d_loss({i: v[:n] for i, v in logits.items()}, {i: v[n:] for i, v in logits.items()}, c.loss)
+            acc.backward(loss_d / len(parts))
+        total += loss_d.item() / len(parts)
+    return total
+
+
+def discriminator_step(nets: NitroNets, plan: Plan, batch: Batch, fake: torch.Tensor, c: NitroConfig,
+                       micro: int) -> dict[str, float]:
+    """`c.disc_steps` updates of the sampled heads; logs the last one's loss."""
+    for update in range(c.disc_steps):
+        loss_d = discriminator_backward(nets, plan, batch, fake, c, micro, update)
+        nets.opt_d.step()
+        nets.opt_d.zero_grad(set_to_none=True)
+    return {"loss_d": loss_d}
