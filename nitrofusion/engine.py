@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from .generation import GenerationRequest, Row
 from .runner import Decode, FiniteCheck, ModelRunner
 from .sampler import LCMSampler
 from .scheduler import EngineClosed, EngineConfig, QueueFull, Scheduler
+from .steps_policy import StepPolicy
 
 __all__ = ["Cancelled", "Engine", "EngineClosed", "EngineConfig", "EngineObserver", "GenerationFailed", "Job",
            "Progress", "QueueFull", "RequestTimeout"]
@@ -76,6 +77,8 @@ class Job:
     cancelled: bool = False
     rows: list[Row] = field(default_factory=list)  # made at admission (nitrofusion/runner.py)
     decoding: bool = False  # its final decode is launched: the scheduler does not hand it out again
+    auto_steps: tuple[int, int] | None = None  # (min, max): the engine picks the steps when it accepts the job
+    predicted_s: float | None = None  # for auto jobs: the latency the policy predicted (None: no estimate yet)
 
     def cancel(self) -> None:
         """Thread-safe: the engine drops this job's rows at its next iteration."""
@@ -102,6 +105,8 @@ class Engine:
         self.runner = ModelRunner(backend, sampler, shift)
         self.config = config or EngineConfig()
         self.scheduler = Scheduler(self.config)
+        self.policy = StepPolicy(None if self.config.latency_target_ms is None else self.config.latency_target_ms / 1000,
+                                 self.config.max_batch, self.config.buckets)
         self.clock = clock  # injectable so tests control time instead of sleeping
         self.observer = observer or EngineObserver()
         self._cv = threading.Condition()  # guards the scheduler's waiting queue; wakes the engine thread
@@ -122,6 +127,8 @@ class Engine:
 
     def submit(self, job: Job) -> Job:
         with self._cv:
+            if job.auto_steps is not None:
+                self._choose_steps(job)
             try:
                 self.scheduler.add(job, self.clock())
             except EngineClosed:
@@ -132,6 +139,13 @@ class Engine:
                 raise
             self._cv.notify_all()
         return job
+
+    def _choose_steps(self, job: Job) -> None:
+        """"steps": "auto": the most steps predicted to meet the latency target behind the work held now."""
+        rows, row_steps = self.scheduler.work_ahead()
+        choice = self.policy.choose(*job.auto_steps, rows, row_steps, images=len(job.requests))
+        job.requests = [replace(r, steps=choice.steps) for r in job.requests]
+        job.predicted_s = choice.predicted_s
 
     @property
     def queue_depth(self) -> int:
@@ -224,7 +238,13 @@ class Engine:
             self._fail_all(failures)
             if check is not None:
                 self._checks.append(check)
-            self.observer.iteration(len(rows), bucket, time.perf_counter() - t0)
+            # At most one step queued ahead of the device: wait for the previous step while this one runs, so the
+            # thread's admission, cancellation and timing follow the GPU instead of racing ahead of it.
+            while len(self._checks) > 1:
+                self._fail_all(self._checks.pop(0).bad_jobs())
+            seconds = time.perf_counter() - t0  # on CUDA this includes waiting for the previous step (see above)
+            self.policy.observe_iteration(bucket, seconds)
+            self.observer.iteration(len(rows), bucket, seconds)
         # 4. previews for streaming rows still on their way; finished jobs decoded in one batch. On CUDA both run
         #    on the decode stream while the next iteration's UNet step runs.
         streaming = [r for r in rows if r.job.stream and not r.done and not r.job.future.done()]
@@ -239,7 +259,10 @@ class Engine:
         self._deliver(wait=not self.scheduler.next_rows()[0])
 
     def _launch_decodes(self, rows: list[Row], preview: bool) -> None:
+        t0 = time.perf_counter()
         launched, failures = self.runner.decode_async(rows, preview=preview)
+        if not preview:  # the whole decode on the CPU; on CUDA its cost shows in the following steps' times
+            self.policy.observe_decode(len(rows), time.perf_counter() - t0)
         self._fail_all(failures)
         self._decodes.extend(launched)
 

@@ -50,6 +50,7 @@ class EngineConfig:
     request_timeout_s: float = 120.0
     batch_wait_ms: float = 0.0  # an idle engine waits this long for company before its first step
     batching: bool = True  # False: one request at a time (for comparison)
+    latency_target_ms: float | None = None  # what "steps": "auto" aims for (nitrofusion/steps_policy.py)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -63,6 +64,8 @@ class EngineConfig:
             raise ValueError("request_timeout_s must be greater than 0")
         if self.batch_wait_ms < 0:
             raise ValueError("batch_wait_ms must be greater than or equal to 0")
+        if self.latency_target_ms is not None and self.latency_target_ms <= 0:
+            raise ValueError("latency_target_ms must be greater than 0 (or unset: auto steps mean max_steps)")
 
     def bucket_for(self, n: int) -> int:
         """The smallest declared bucket that holds n rows (the same list drives graphs / TRT profiles)."""
@@ -104,6 +107,18 @@ class Scheduler:
     @property
     def active_rows(self) -> int:
         return sum(len(j.requests) for j in self.active)
+
+    def work_ahead(self) -> tuple[int, int]:
+        """(rows, UNet row-steps) queued or in flight: what a newly accepted request waits behind."""
+        rows = steps = 0
+        for job in list(self.active) + list(self.waiting):
+            if job.rows:
+                left = [r.schedule.steps - r.step for r in job.rows if not r.done]
+                rows, steps = rows + len(left), steps + sum(left)
+            else:
+                n = len(job.requests)
+                rows, steps = rows + n, steps + n * job.requests[0].steps
+        return rows, steps
 
     @property
     def idle(self) -> bool:

@@ -298,3 +298,22 @@ def test_rows_of_different_sizes_never_share_a_call(make_engine):
 def test_config_errors_say_how_to_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EngineConfig(**kwargs)
+
+
+def test_auto_steps_follow_the_load(make_engine):
+    """'steps: auto' with a latency target: an idle engine with a measured 50 ms step gives 4 steps under a
+    500 ms target; 40 rows of 4 steps queued ahead (max batch 4) make it pick 1; fixed jobs are never changed."""
+    eng, backend, _ = make_engine(max_batch=4, buckets=(1, 2, 4), latency_target_ms=500)
+    for b in (1, 2, 4):
+        eng.policy.observe_iteration(b, 0.05)
+    gate = held(backend)
+    first = eng.submit(Job([req("auto idle")], auto_steps=(1, 4)))
+    assert first.steps == 4 and first.predicted_s == pytest.approx(0.2)
+    assert backend.entered.wait(10)
+    fixed = [eng.submit(Job([req(f"fixed {i}", 4, i)])) for i in range(40)]
+    busy = eng.submit(Job([req("auto busy")], auto_steps=(1, 4)))
+    assert busy.steps == 1 and busy.predicted_s > 0.5
+    assert all(j.steps == 4 for j in fixed)
+    gate.set()
+    for j in (first, busy, *fixed):
+        assert len(result(j)) == 1

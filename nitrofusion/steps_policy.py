@@ -1,0 +1,107 @@
+"""Steps chosen by load: for a request that asks for `"steps": "auto"`, the most steps (between its min and max)
+whose predicted time from admission to image meets the server's latency target.
+
+NitroFusion's one set of weights makes 1 to 4 steps a quality / speed dial. Under a burst a fixed 4-step
+request costs four UNet passes while the queue grows; an "auto" request takes fewer when the engine is busy.
+Plain Python over numbers (no torch, no threads, no clock of its own): the engine feeds it the iteration times
+it measures and the work it holds, and asks it once per auto request, when the request is accepted.
+
+The prediction: the engine runs one UNet call per iteration over up to `max_batch` rows, so a new row waits
+behind the row-steps already queued or in flight (about ceil(ahead / max_batch) iterations when the batch is
+full, none when it has room), then needs k iterations of its own, plus the final decode. An iteration's time is
+a moving average per batch bucket of what the engine measured (`observe_iteration`), decodes likewise per
+batch size. With no measurement yet for a bucket, the nearest measured bucket stands in, scaled by size; with
+none at all, the policy cannot predict and picks `max_steps` (an idle server learns from its first request).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MovingAverage:
+    """Exponentially weighted: recent measurements count most, so the estimate follows load and clocks."""
+
+    alpha: float = 0.2
+    value: float | None = None
+    count: int = 0
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x
+        self.count += 1
+
+
+@dataclass
+class Choice:
+    steps: int
+    predicted_s: float | None  # None: nothing measured yet to predict from
+
+
+@dataclass
+class StepPolicy:
+    target_s: float | None  # latency target, seconds from admission to image; None: "auto" means max_steps
+    max_batch: int
+    buckets: tuple[int, ...]
+    alpha: float = 0.2
+    iteration_s: dict[int, MovingAverage] = field(default_factory=dict)  # per bucket
+    decode_s: dict[int, MovingAverage] = field(default_factory=dict)  # per decoded batch size
+
+    def __post_init__(self) -> None:
+        if self.target_s is not None and self.target_s <= 0:
+            raise ValueError("the latency target must be greater than 0 ms")
+
+    # -- what the engine measured ------------------------------------------------------------------
+    def observe_iteration(self, bucket: int, seconds: float) -> None:
+        self.iteration_s.setdefault(bucket, MovingAverage(self.alpha)).add(seconds)
+
+    def observe_decode(self, images: int, seconds: float) -> None:
+        self.decode_s.setdefault(images, MovingAverage(self.alpha)).add(seconds)
+
+    # -- estimates ---------------------------------------------------------------------------------
+    @staticmethod
+    def _estimate(table: dict[int, MovingAverage], key: int) -> float | None:
+        """The measured average for `key`, else the nearest measured key's, scaled linearly by key (a bigger
+        batch costs more, a smaller one less: a rough stand-in until `key` itself is measured)."""
+        known = {k: m.value for k, m in table.items() if m.value is not None}
+        if not known:
+            return None
+        if key in known:
+            return known[key]
+        nearest = min(known, key=lambda k: (abs(k - key), k))
+        return known[nearest] * key / nearest
+
+    def _bucket(self, rows: int) -> int:
+        rows = max(1, min(rows, self.max_batch))
+        return next((b for b in self.buckets if b >= rows), self.buckets[-1])
+
+    def predict(self, steps: int, rows_ahead: int, row_steps_ahead: int, images: int = 1) -> float | None:
+        """Seconds from now until an `images`-row request of `steps` steps is decoded, with `rows_ahead` rows
+        holding `row_steps_ahead` UNet row-steps queued or in flight before it."""
+        batch = min(self.max_batch, rows_ahead + images)
+        per_iteration = self._estimate(self.iteration_s, self._bucket(batch))
+        if per_iteration is None:
+            return None
+        # With room in the batch the new rows join the next iteration; past max_batch they wait their turn.
+        overflow = max(0, rows_ahead + images - self.max_batch)
+        wait_iterations = math.ceil(row_steps_ahead * overflow / max(1, rows_ahead) / self.max_batch) \
+            if overflow else 0
+        decode = self._estimate(self.decode_s, images) or 0.0
+        return (wait_iterations + steps) * per_iteration + decode
+
+    def choose(self, min_steps: int, max_steps: int, rows_ahead: int, row_steps_ahead: int,
+               images: int = 1) -> Choice:
+        """The most steps in [min_steps, max_steps] predicted to meet the target; min_steps when none does
+        (the request still runs: the queue bound, not this policy, refuses work)."""
+        if not 1 <= min_steps <= max_steps:
+            raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
+        if self.target_s is None:
+            return Choice(max_steps, self.predict(max_steps, rows_ahead, row_steps_ahead, images))
+        for steps in range(max_steps, min_steps - 1, -1):
+            predicted = self.predict(steps, rows_ahead, row_steps_ahead, images)
+            if predicted is None:
+                return Choice(max_steps, None)
+            if predicted <= self.target_s:
+                return Choice(steps, predicted)
+        return Choice(min_steps, self.predict(min_steps, rows_ahead, row_steps_ahead, images))
