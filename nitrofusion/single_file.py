@@ -3,7 +3,8 @@
 
 A single file holds weights only. The architecture comes from a config folder: the public SDXL-base and SD1.5
 configs shipped in `configs/` (picked from the checkpoint's keys), or `--config` (any diffusers folder or cached
-repo id). The CLIP tokenizer files are derived from the CLIP BPE merges shipped in `configs/clip/merges.txt.gz`
+repo id). A file with the UNet alone (what ComfyUI keeps in models/unet) takes its text encoders and VAE from the
+base model's diffusers folder: `--config`, else SDXL base / SD1.5 when they are in the Hugging Face cache. The CLIP tokenizer files are derived from the CLIP BPE merges shipped in `configs/clip/merges.txt.gz`
 (OpenAI CLIP, MIT; the same vocabulary serves SD1.5's tokenizer and both of SDXL's, which differ only in their
 pad token), so nothing is fetched. The timestep shift is not in the file: it comes from `--shift`.
 """
@@ -30,7 +31,12 @@ SDXL_KEY = "conditioner.embedders.1.model.positional_embedding"  # OpenCLIP bigG
 SDXL_REFINER_KEY = "conditioner.embedders.0.model.text_projection"
 SD1_PREFIX = "cond_stage_model.transformer."  # OpenAI CLIP-L
 SD2_PREFIX = "cond_stage_model.model."  # OpenCLIP-H
+SDXL_UNET_KEY = UNET_PREFIX + "label_emb.0.0.weight"  # SDXL's UNet takes pooled text + size ids; SD1.x's has none
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+TEXT_PREFIXES = ("cond_stage_model.", "conditioner.")
 FAMILY_NAMES = {"sdxl": "SDXL", "sd": "SD1.x"}
+# Where a UNet-only file's text encoders and VAE come from without --config, when cached.
+DEFAULT_BASES = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sd": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 
 
 def read_keys(path: Path) -> dict[str, list[int]]:
@@ -56,8 +62,8 @@ def read_keys(path: Path) -> dict[str, list[int]]:
                              "download? Fetch the file again") from None
 
 
-def checkpoint_family(keys: dict, path: Path) -> str | None:
-    """"sdxl" or "sd" from the checkpoint's keys; None when it holds no text encoder (the config decides)."""
+def checkpoint_family(keys: dict, path: Path) -> str:
+    """"sdxl" or "sd" from the checkpoint's keys (its text encoders, else its UNet)."""
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         if "conv_in.weight" in keys and any(k.startswith("down_blocks.") for k in keys):
             raise ModelLoadError(
@@ -75,7 +81,17 @@ def checkpoint_family(keys: dict, path: Path) -> str | None:
     if any(k.startswith(SD2_PREFIX) for k in keys):
         raise ModelLoadError(f"{path} is an SD 2.x checkpoint: single files are read for SD1.x and SDXL; use a "
                              "diffusers folder for SD 2.x")
-    return None
+    return "sdxl" if SDXL_UNET_KEY in keys else "sd"
+
+
+def missing_parts(keys: dict) -> list[str]:
+    """The components a checkpoint lacks: "vae", "text_encoders" (a UNet-only file lacks both)."""
+    missing = []
+    if not any(k.startswith(VAE_PREFIXES) for k in keys):
+        missing.append("vae")
+    if not any(k.startswith(TEXT_PREFIXES) for k in keys):
+        missing.append("text_encoders")
+    return missing
 
 
 def config_family(config: Path) -> str:
@@ -93,18 +109,30 @@ def config_family(config: Path) -> str:
 
 
 def config_for(path: Path, config: Path | None) -> Path:
-    """The config folder for checkpoint `path`: `config` (checked against the checkpoint), else the shipped one."""
-    family = checkpoint_family(read_keys(path), path)
+    """The config folder for checkpoint `path`: `config` (checked against the checkpoint), else the shipped one;
+    for a file without text encoders or VAE, the cached base model that has them."""
+    from .sources import fetch_hint, resolve_config
+
+    keys = read_keys(path)
+    family = checkpoint_family(keys, path)
     if config is not None:
         wanted = config_family(config)
-        if family is not None and family != wanted:
+        if family != wanted:
             raise ModelLoadError(f"{path} is an {FAMILY_NAMES[family]} checkpoint but --config {config} describes "
                                  f"{FAMILY_NAMES[wanted]}")
         return config
-    if family is None:
-        raise ModelLoadError(f"{path} holds no text encoder weights: pass --config a diffusers folder (or cached repo "
-                             "id) of its base model, whose text encoders are used")
-    return SHIPPED_CONFIGS[family]
+    missing = missing_parts(keys)
+    if not missing:
+        return SHIPPED_CONFIGS[family]
+    base = DEFAULT_BASES[family]
+    try:
+        return resolve_config(base)
+    except ModelLoadError:
+        raise ModelLoadError(
+            f"{path} holds no {' and no '.join(m.replace('_', ' ') for m in missing)} (a UNet-only file, as ComfyUI "
+            f"keeps in models/unet): they come from its base model: pass --config DIR|ORG/NAME, or {base} is used "
+            f"once cached ({fetch_hint(base, None)})"
+        ) from None
 
 
 @functools.cache
@@ -146,10 +174,23 @@ def load_single_file(path: Path, config: Path) -> tuple[str, dict, dict]:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
+    from .models import _load_component
+
     family = config_family(config)
     names = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
     tokenizers = [load_tokenizer(config / n) for n in names]
     kwargs: dict[str, Any] = dict(zip(names, tokenizers))
+    missing = missing_parts(read_keys(path))
+    if "vae" in missing:  # from the base model's folder, as a folder loads it (fp16 variant included)
+        from diffusers import AutoencoderKL
+
+        kwargs["vae"] = _load_component(AutoencoderKL, config, "vae")
+    if "text_encoders" in missing:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        kwargs["text_encoder"] = _load_component(CLIPTextModel, config, "text_encoder")
+        if family == "sdxl":
+            kwargs["text_encoder_2"] = _load_component(CLIPTextModelWithProjection, config, "text_encoder_2")
     if family == "sd":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline

@@ -110,14 +110,13 @@ def _snapshot(given: str, repo_id: str, revision: str | None, what: str = "model
                                       local_files_only=True))
     except HFValidationError as e:
         raise ModelLoadError(f"{what} {given!r} is neither a local path nor a valid repo id: {e}") from None
-    except LocalEntryNotFoundError:
-        raise _not_cached(what, given, repo_id, revision) from None
-    except Exception as e:
-        # huggingface_hub (1.x) calls a snapshot incomplete when files of the repo listing are missing, e.g. after
-        # a download limited to the diffusers files: what the model needs is checked when it loads.
-        if type(e).__name__ == "IncompleteSnapshotError" and getattr(e, "snapshot_path", None):
+    except LocalEntryNotFoundError as e:
+        # huggingface_hub 1.x calls a snapshot incomplete (a subclass of this error, with its path) when files of
+        # the repo's cached listing are missing, as after `hf download --include ...` limited to the diffusers
+        # fp16 files: the snapshot is used, and what the model needs is checked when it loads.
+        if getattr(e, "snapshot_path", None):
             return Path(e.snapshot_path)
-        raise
+        raise _not_cached(what, given, repo_id, revision) from None
 
 
 def _hub_file(given: str, repo_id: str, revision: str | None, filename: str, what: str) -> Path:

@@ -101,6 +101,17 @@ def test_absent_id_names_the_id_the_cache_and_the_command(tmp_path):
     assert not cache.exists() or not any(cache.iterdir())  # looked, wrote nothing
 
 
+def test_snapshot_downloaded_in_part_is_used(tiny_sd_dir, pipelines, hub):
+    """A download limited to some files (`hf download --include ...`) leaves huggingface_hub's cached listing of
+    the whole repo beside a partial snapshot, which it calls incomplete; what the model needs is there."""
+    snapshot = fake_hub_cache(hub, "org/big", tiny_sd_dir)
+    listing = {"format_version": 1, "files": {"v1-5-pruned.safetensors": {"size": 7, "blob_id": "0" * 40}}}
+    (hub / "models--org--big" / "trees").mkdir()
+    (hub / "models--org--big" / "trees" / f"{COMMIT}.json").write_text(json.dumps(listing))
+    assert resolve_model("org/big").path == snapshot
+    assert np.array_equal(image(load_pipeline("org/big", device="cpu", backend="torch")), image(pipelines["sd"]))
+
+
 def test_repo_of_single_files_points_at_the_file_form(tmp_path, hub):
     files = tmp_path / "repo"
     files.mkdir()
@@ -168,6 +179,26 @@ def test_single_file_from_the_cache_through_the_cli_default_backend(single_files
     source = json.loads((entry / "nitrofusion_export.json").read_text())["source"]
     assert source["given"] == "org/ckpts/tiny_comfyui.safetensors" and source["revision"] == COMMIT
     assert source["kind"] == "single_file" and source["config"] == str(folder)
+
+
+def test_unet_only_single_file_takes_the_rest_from_the_base(single_files, tmp_path, hub):
+    """A UNet-only original-layout file (ComfyUI's models/unet): text encoders and VAE from --config, else from
+    SDXL base in the Hugging Face cache, else an error that says both ways."""
+    from safetensors.torch import save_file
+
+    from .ldm_layout import unet_to_ldm
+
+    folder, _ = single_files["sdxl"]
+    pipe = tiny_pipeline("sdxl", seed=0, te2_width=48)
+    unet_only = tmp_path / "unet_comfyui.safetensors"
+    save_file(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block), str(unet_only))
+    with pytest.raises(ModelLoadError, match="no vae and no text encoders.*--config.*hf download stabilityai/"):
+        resolve_model(unet_only)
+    ref = image(load_pipeline(folder, device="cpu", backend="torch"))
+    assert np.abs(image(load_pipeline(unet_only, device="cpu", backend="torch", config=folder)) - ref).max() <= 1
+    snapshot = fake_hub_cache(hub, "stabilityai/stable-diffusion-xl-base-1.0", folder)
+    assert resolve_model(unet_only).config == snapshot
+    assert np.abs(image(load_pipeline(unet_only, device="cpu", backend="torch")) - ref).max() <= 1
 
 
 def test_truncated_single_file_is_a_clear_error(single_files, tmp_path):

@@ -141,10 +141,11 @@ def load_backend(model_dir: str | Path | ModelSource, unet_file=None, shift: int
     unet = resolve_unet(unet_file) if unet_file is not None else None
     log.info("model %s%s", source.label(), f", UNet {unet.label()}" if unet is not None else "")
     model, runtime = _load(source, unet, shift, device, dtype, backend, tuple(buckets or DEFAULT_BUCKETS), builder)
+    # What /v1/models and the logs show: the model as given and what it resolved to. An export folder keeps the
+    # name of the model it was exported from (its manifest's).
     if not (is_export_dir(source.path) or is_engine_dir(source.path)):
-        # The exported graphs' description names the export; the model is what the user gave.
         model.extras["name"] = source.name
-        model.extras["source"] = dict(source.describe(), **({"unet": unet.describe()} if unet else {}))
+    model.extras["source"] = dict(source.describe(), **({"unet": unet.describe()} if unet else {}))
     return model, runtime
 
 
