@@ -203,7 +203,8 @@ def load_single_file(path: Path, config: Path) -> tuple[str, dict, dict]:
                              f"{str(e).splitlines()[0]} (pass --config a diffusers folder with them)") from None
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise ModelLoadError(f"cannot load single-file checkpoint {path} with the configs in {config}: "
-                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (if its architecture "
+                             "differs from these, pass --config its base model's diffusers folder)") from None
     encoders = [pipe.text_encoder, pipe.text_encoder_2] if family == "sdxl" else [pipe.text_encoder]
     try:
         scheduler_config = json.loads((config / "scheduler" / "scheduler_config.json").read_text())

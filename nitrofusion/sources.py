@@ -96,7 +96,7 @@ def fetch_hint(repo_id: str, revision: str | None, filename: str | None = None) 
 def _not_cached(what: str, given: str, repo_id: str, revision: str | None, filename: str | None = None) -> ModelLoadError:
     return ModelLoadError(
         f"{what} {given!r} is not a local path and not in the Hugging Face cache (searched {hub_cache_dir()}; "
-        f"HF_HOME or HF_HUB_CACHE point elsewhere): {fetch_hint(repo_id, revision, filename)}"
+        f"set HF_HUB_CACHE or HF_HOME if yours is elsewhere): {fetch_hint(repo_id, revision, filename)}"
     )
 
 
