@@ -138,22 +138,27 @@ def load_backend(model_dir: str | Path | ModelSource, unet_file=None, shift: int
     from ..scheduler import DEFAULT_BUCKETS
 
     source = resolve_model(model_dir, config)
-    unet = resolve_unet(unet_file) if unet_file is not None else None
+    exported = is_export_dir(source.path) or is_engine_dir(source.path)
+    # An export refuses any --unet (select's own message), so there is nothing to resolve for it.
+    unet = resolve_unet(unet_file) if unet_file is not None and not exported else None
     log.info("model %s%s", source.label(), f", UNet {unet.label()}" if unet is not None else "")
-    model, runtime = _load(source, unet, shift, device, dtype, backend, tuple(buckets or DEFAULT_BUCKETS), builder)
+    model, runtime = _load(source, unet or unet_file, shift, device, dtype, backend,
+                           tuple(buckets or DEFAULT_BUCKETS), builder)
     # What /v1/models and the logs show: the model as given and what it resolved to. An export folder keeps the
     # name of the model it was exported from (its manifest's).
-    if not (is_export_dir(source.path) or is_engine_dir(source.path)):
-        model.extras["name"] = source.name
-    model.extras["source"] = dict(source.describe(), **({"unet": unet.describe()} if unet else {}))
+    extras = getattr(model, "extras", None)
+    if extras is not None:
+        if not exported:
+            extras["name"] = source.name
+        extras["source"] = dict(source.describe(), **({"unet": unet.describe()} if unet else {}))
     return model, runtime
 
 
-def _load(source: ModelSource, unet: ModelSource | None, shift, device, dtype, backend, buckets,
-          builder) -> tuple[LoadedModel, Backend]:
+def _load(source: ModelSource, unet, shift, device, dtype, backend, buckets, builder) -> tuple[LoadedModel, Backend]:
+    """`unet`: the resolved --unet (a ModelSource), or as given for an export folder (which refuses it)."""
     from .torch_backend import TorchBackend, resolve_device_dtype
 
-    model_dir, unet_file = source.path, (unet.path if unet is not None else None)
+    model_dir, unet_file = source.path, (unet.path if isinstance(unet, ModelSource) else unet)
     name = resolve_backend_name(backend, model_dir, device, dtype, can_build=builder is not None)
     try:
         if name == "onnxruntime":
