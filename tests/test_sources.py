@@ -268,6 +268,45 @@ def test_shipped_configs_build_the_published_architectures():
         assert count(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(xl / "text_encoder_2"))) == 694_659_840
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd"])
+def test_shipped_config_folders_load_a_single_file(family, tmp_path):
+    """The shipped folders as they are (model_index, scheduler, tokenizers derived from the merges), their
+    architectures shrunk to the tiny ones: a checkpoint in the original layout loads and gives the image of the
+    same weights saved as a diffusers folder."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = tmp_path / "config"
+    shutil.copytree(SHIPPED_CONFIGS[family], config)
+    tiny = tiny_pipeline(family, seed=0, te2_width=48)
+    tiny.unet.save_config(config / "unet")
+    tiny.vae.save_config(config / "vae")
+    encoders = {"text_encoder": (CLIPTextModel, 32)}
+    if family == "sdxl":
+        encoders["text_encoder_2"] = (CLIPTextModelWithProjection, 48)
+    torch.manual_seed(1)
+    parts = {"unet": tiny.unet, "vae": tiny.vae}
+    for name, (cls, width) in encoders.items():
+        c = json.loads((config / name / "config.json").read_text())
+        c.update(hidden_size=width, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, projection_dim=32)
+        (config / name / "config.json").write_text(json.dumps(c))
+        parts[name] = cls(CLIPTextConfig.from_pretrained(config / name))  # the real 49408-token vocabulary
+    for name in ("tokenizer", "tokenizer_2")[: len(encoders)]:
+        parts[name] = load_tokenizer(config / name)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**parts, scheduler=EulerDiscreteScheduler.from_pretrained(config / "scheduler"))
+    else:
+        pipe = StableDiffusionPipeline(**parts, scheduler=PNDMScheduler.from_pretrained(config / "scheduler"),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "folder")
+    checkpoint = write_single_file(pipe, tmp_path / "model.safetensors")
+    ref = load_pipeline(tmp_path / "folder", device="cpu", backend="torch")
+    loaded = load_pipeline(checkpoint, device="cpu", backend="torch", config=config)
+    assert np.abs(image(loaded) - image(ref)).max() <= 1
+    assert loaded.model.max_prompt_tokens == 77 and len(loaded.model.tokenizers[-1]) == 49408
+
+
 def test_models_endpoint_shows_name_path_and_revision(tiny_sd_dir, hub):
     from fastapi.testclient import TestClient
 
