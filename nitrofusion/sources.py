@@ -86,9 +86,10 @@ def hub_cache_dir() -> Path:
 
 
 def fetch_hint(repo_id: str, revision: str | None, filename: str | None = None) -> str:
+    """How to fetch a repo (or one file of it) into the cache: `hf download ...`, run once, online."""
     cmd = f"hf download {repo_id}" + (f" {filename}" if filename else "") + (f" --revision {revision}" if revision else "")
-    offline = " with HF_HUB_OFFLINE unset" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") \
-        else ""
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = " with HF_HUB_OFFLINE unset" if offline_env else ""
     return (f"fetch it once{offline} with `{cmd}` (huggingface_hub before 1.0: `huggingface-cli download` with the "
             "same arguments); nothing is downloaded at run time")
 
