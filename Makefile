@@ -16,7 +16,8 @@ $(STAMP): requirements.txt $(wildcard requirements/*.txt) pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Serve the bundled default model, or MODEL=DIR (a local diffusers folder).
+# Serve the bundled default model, or MODEL=... (a diffusers folder, a cached Hugging Face repo id ORG/NAME or a
+# single-file .safetensors checkpoint: README "Where models come from").
 run: $(STAMP)
 	$(VENV)/bin/nitrofusion serve $(if $(MODEL),--model $(MODEL)) --host $(HOST) --port $(PORT)
 

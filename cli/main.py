@@ -10,12 +10,27 @@ from pathlib import Path
 
 from nitrofusion.errors import InvalidRequest, NitroError
 
+MODEL_HELP = ("a local diffusers folder; or ORG/NAME[@REVISION], a repo already in the Hugging Face cache (read "
+              "offline); or a single-file .safetensors checkpoint (SD1.x / SDXL original layout, e.g. NitroSD's "
+              "*_comfyui.safetensors), local or ORG/NAME/FILE.safetensors from the cache")
+UNET_HELP = ("UNet state dict (.safetensors) to swap in, a local file or ORG/NAME/FILE.safetensors from the Hugging "
+             "Face cache, e.g. ChenDY/NitroFusion/nitrosd-realism_unet.safetensors")
+CONFIG_HELP = ("single-file checkpoints: a diffusers folder or cached repo id whose configs and tokenizers describe "
+               "it (default: the shipped SDXL-base or SD1.5 configs, picked from the checkpoint)")
+
+
+def _source_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--model", metavar="MODEL", required=required,
+                   help=MODEL_HELP + ("" if required else " (default: the bundled model)"))
+    p.add_argument("--unet", metavar="FILE", help=UNET_HELP)
+    p.add_argument("--config", metavar="DIR", default=None, help=CONFIG_HELP)
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", help="diffusers model folder (default: the bundled model)")
-    p.add_argument("--unet", metavar="FILE", help="UNet state dict (.safetensors) to swap in, e.g. NitroSD-Realism")
+    _source_args(p)
     p.add_argument("--shift", type=int, default=None,
-                   help="timestep shift S when the model folder sets none (default 250; Vibrant uses 500)")
+                   help="timestep shift S when the model sets none (default 250: NitroSD-Realism; NitroSD-Vibrant "
+                        "uses 500). Single-file checkpoints carry none: pass it")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--backend", default=None,
@@ -40,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "decoder in vae_preview/: several times cheaper, a little softer)")
 
     exp = sub.add_parser("export", help="export a model to ONNX or TensorRT engines (usable as --model)")
-    exp.add_argument("--model", metavar="DIR", required=True, help="diffusers model folder")
-    exp.add_argument("--unet", metavar="FILE", help="UNet state dict (.safetensors) to swap in before exporting")
+    _source_args(exp, required=True)
     exp.add_argument("--format", required=True, help="onnx or tensorrt")
     exp.add_argument("--out", metavar="DIR", required=True, help="new folder for the export")
     exp.add_argument("--precision", default=None,
@@ -98,7 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         check_seed(args.seed)
     pipe = load_pipeline(args.model, args.unet, args.shift, args.device, args.dtype, backend=args.backend,
-                         builder=ExportBuilder())
+                         builder=ExportBuilder(), config=args.config)
     seed = secrets.randbits(63) if args.seed is None else args.seed
     native = pipe.model.native_size
     req = GenerationRequest(args.prompt, args.steps, seed, args.width or native, args.height or native,

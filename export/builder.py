@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nitrofusion.sources import ModelSource
+
 from .cache import cache_root, ensure_onnx_export
 from .tensorrt_build import build_engines
 
@@ -13,8 +15,8 @@ from .tensorrt_build import build_engines
 class ExportBuilder:
     """nitrofusion.artifacts.builder.ArtifactBuilder, backed by the export cache (export/cache.py)."""
 
-    def onnx(self, model_dir: Path, unet_file: Path | None, precisions: tuple[str, ...]) -> Path:
-        return ensure_onnx_export(model_dir, unet_file, precisions=precisions)
+    def onnx(self, model: ModelSource, unet_file: Path | None, precisions: tuple[str, ...]) -> Path:
+        return ensure_onnx_export(model, unet_file, precisions=precisions)
 
     def tensorrt(self, onnx_dir: Path, engine_dir: Path | None, buckets: tuple[int, ...],
                  sizes: list[tuple[int, int]] | None = None, precision: str = "fp16") -> Path:

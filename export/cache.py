@@ -16,8 +16,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from nitrofusion.artifacts.manifest import MANIFEST_NAME, check_files, hash_folder, read_manifest, sha256_file
+from nitrofusion.artifacts.manifest import MANIFEST_NAME, check_files, read_manifest, sha256_file
 from nitrofusion.errors import ModelLoadError
+from nitrofusion.sources import ModelSource, resolve_model, resolve_unet
 
 from .hash_memo import HashMemo
 from .versions import exporter_versions
@@ -53,22 +54,20 @@ def _entry_problem(entry: Path, key: str, memo: HashMemo | None = None) -> str |
     return check_files(entry, manifest, memo.digest if memo else sha256_file)
 
 
-def ensure_onnx_export(model_dir: str | Path, unet_file: str | Path | None = None,
+def ensure_onnx_export(model: str | Path | ModelSource, unet_file: str | Path | ModelSource | None = None,
                        precisions: tuple[str, ...] = ("fp32",), progress: bool = True) -> Path:
-    """The cache folder holding a verified export of this model, exporting it first when needed."""
+    """The cache folder holding a verified export of this model, exporting it first when needed. `model`: any
+    form nitrofusion/sources.py resolves. The key is the content alone (a folder reached as a path or as a hub
+    id shares one entry); the manifest records the name the model was given, its path and revision."""
     from .onnx_export import export_onnx
 
-    model_dir = Path(model_dir).expanduser()
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"model folder not found: {model_dir}")
+    source = resolve_model(model)
     memo = HashMemo(cache_root() / "file-hashes.json")  # unchanged files are not re-read on every start
-    source_hash = hash_folder(model_dir, memo.digest)
+    source_hash = source.content_hash(memo.digest)
     unet_hash = None
     if unet_file is not None:
-        unet_path = Path(unet_file).expanduser()
-        if not unet_path.is_file():
-            raise ModelLoadError(f"UNet file not found: {unet_path}")
-        unet_hash = memo.digest(unet_path)
+        unet_file = resolve_unet(unet_file)
+        unet_hash = memo.digest(unet_file.path)
     key = onnx_cache_key(source_hash, unet_hash, precisions)
     root = cache_root() / "onnx"
     entry = root / key[:32]
@@ -79,11 +78,11 @@ def ensure_onnx_export(model_dir: str | Path, unet_file: str | Path | None = Non
         return entry
     # Shown by the CLI (warnings) and the server: explains a slow first start, once per model and UNet file.
     log.warning("exporting %s to ONNX for onnxruntime, once (%s; later loads reuse it; --backend torch needs "
-                "no export); cache: %s", model_dir, problem, entry)
+                "no export); cache: %s", source.label(), problem, entry)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=root))
     try:
-        export_onnx(model_dir, tmp / "export", unet_file=unet_file, precisions=precisions, progress=progress,
+        export_onnx(source, tmp / "export", unet_file=unet_file, precisions=precisions, progress=progress,
                     cache_key=key, source_hash=source_hash)
         if entry.exists():
             stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=root))

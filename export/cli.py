@@ -1,4 +1,4 @@
-"""`nitrofusion export --model DIR --format onnx|tensorrt --out DIR`: the command behind the CLI subcommand."""
+"""`nitrofusion export --model MODEL --format onnx|tensorrt --out DIR`: the command behind the CLI subcommand."""
 
 from __future__ import annotations
 
@@ -19,18 +19,22 @@ def run_export(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidRequest("out", f"{out} exists and is not an empty folder: pick a new folder")
     if args.format == "onnx":
+        from nitrofusion.sources import resolve_model
+
         from .onnx_export import export_onnx
 
         precisions = _list(args.precision, PRECISIONS)
         bad = [p for p in precisions if p not in PRECISIONS]
         if bad:
             raise InvalidRequest("precision", f"{bad[0]!r} is not an ONNX precision: use fp32 and/or fp16")
-        manifest = export_onnx(args.model, out, unet_file=args.unet, precisions=precisions)
+        source = resolve_model(args.model, getattr(args, "config", None))  # a folder, hub id or single file
+        manifest = export_onnx(source, out, unet_file=args.unet, precisions=precisions)
         print(f"wrote ONNX export of {manifest.family} model to {out} ({', '.join(precisions)}, opset "
               f"{manifest.opset}); use it as --model {out}")
         return 0
     if args.format == "tensorrt":
         from nitrofusion.artifacts.engines import require_tensorrt
+        from nitrofusion.sources import resolve_model
 
         from .onnx_export import export_onnx
         from .tensorrt_build import build_engines
@@ -50,7 +54,8 @@ def run_export(args: argparse.Namespace) -> int:
             from nitrofusion.scheduler import DEFAULT_BUCKETS
 
             buckets = list(DEFAULT_BUCKETS)
-        export_onnx(args.model, out / "onnx", unet_file=args.unet, precisions=("fp32",))
+        export_onnx(resolve_model(args.model, getattr(args, "config", None)), out / "onnx", unet_file=args.unet,
+                    precisions=("fp32",))
         engines = build_engines(out / "onnx", out, buckets, sizes, precision)
         print(f"wrote {len(engines.engines)} TensorRT engines ({precision}, buckets "
               f"{','.join(map(str, buckets))}) to {out}; use it as --model {out} --backend tensorrt")

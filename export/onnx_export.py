@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nitrofusion.artifacts.manifest import ComponentEntry, Manifest, hash_folder, sha256_file
+from nitrofusion.artifacts.manifest import ComponentEntry, Manifest, sha256_file
 from nitrofusion.errors import NitroError
 from nitrofusion.models import LoadedModel, load_model
+from nitrofusion.sources import ModelSource, resolve_model, resolve_unet
 
 from .components import ComponentSpec, component_specs
 from .verify import verify
@@ -96,7 +97,8 @@ def _entry(root: Path, folder: Path, precision: str, spec: ComponentSpec, diff: 
                           allowed)
 
 
-def export_onnx(model_dir: str | Path, out_dir: str | Path, unet_file: str | Path | None = None,
+def export_onnx(model_dir: str | Path | ModelSource, out_dir: str | Path,
+                unet_file: str | Path | ModelSource | None = None,
                 precisions: tuple[str, ...] = PRECISIONS, tolerances: dict[str, float] | None = None,
                 progress: bool = True, model: LoadedModel | None = None, cache_key: str | None = None,
                 source_hash: str | None = None) -> Manifest:
@@ -104,20 +106,25 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, unet_file: str | Pat
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         raise ExportError(f"unsupported ONNX precision {bad[0] if bad else ''!r}: use fp32 and/or fp16")
-    model_dir = Path(model_dir).expanduser()
+    source = resolve_model(model_dir)  # a folder, a cached hub repo id or a single-file checkpoint
+    unet = resolve_unet(unet_file) if unet_file is not None else None
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"output folder {out} exists and is not empty: pick a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
-        model = load_model(model_dir, unet_file=unet_file)
-    # Snapshot the source before the slow part; the hash names what this export was made from.
-    source = {
-        "path": str(model_dir.resolve()),
-        "hash": source_hash or hash_folder(model_dir),
-        "unet_file": None if unet_file is None else str(Path(unet_file).resolve()),
-        "unet_hash": None if unet_file is None else sha256_file(Path(unet_file).expanduser()),
+        model = load_model(source, unet_file=unet)
+    # Snapshot the source before the slow part; the hash names what this export was made from, and the name,
+    # path and revision say how it was given (/v1/models and the logs show the name).
+    recorded = {
+        "path": str(source.path.resolve()),
+        "hash": source_hash or source.content_hash(sha256_file),
+        "unet_file": None if unet is None else str(unet.path.resolve()),
+        "unet_hash": None if unet is None else sha256_file(unet.path),
+        **{k: v for k, v in source.describe().items() if k != "path"},
     }
+    if unet is not None:
+        recorded["unet_given"] = unet.given
     specs = component_specs(model)
     tolerances = tolerances or {}
     components: dict[str, dict[str, ComponentEntry]] = {p: {} for p in precisions}
@@ -146,7 +153,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, unet_file: str | Pat
     shutil.rmtree(fp32_tmp, ignore_errors=True)
     save_model_files(model, out)
     manifest = Manifest(
-        family=model.family, source=source, exporter=exporter_versions(), opset=OPSET,
+        family=model.family, source=recorded, exporter=exporter_versions(), opset=OPSET,
         precisions=list(precisions), components=components, latent_channels=int(model.unet.config.in_channels),
         vae_scale_factor=model.vae_scale_factor, native_size=model.native_size, cache_key=cache_key,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

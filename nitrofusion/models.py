@@ -1,4 +1,5 @@
-"""Load a diffusers-format model folder (SDXL or SD1.x family) into its components.
+"""Load a model (SDXL or SD1.x family) into its components: a diffusers folder, a cached Hugging Face repo, or a
+single-file checkpoint (nitrofusion/sources.py says which forms `--model` takes, single_file.py reads the last).
 
 NitroSD-Realism / -Vibrant ship as a bare UNet state dict on top of SDXL base, so `unet_file` swaps one in.
 Every failure becomes a `ModelLoadError` whose message says what is missing and what to do.
@@ -14,6 +15,7 @@ from typing import Any
 
 from .errors import ModelLoadError
 from .sampler import DEFAULT_SHIFT
+from .sources import ModelSource, fetch_hint, resolve_model, resolve_unet
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +135,20 @@ def quiet_libraries() -> None:
         lib.utils.logging.disable_progress_bar()
 
 
-def load_model(model_dir: str | Path, unet_file: str | Path | None = None, shift: int | None = None) -> LoadedModel:
-    """Load a local diffusers folder. Shift: the folder's scheduler config wins, else `shift`, else 250."""
+def _shift(scheduler_config: dict, shift: int | None) -> int:
+    if scheduler_config.get(SHIFT_KEY) is not None:
+        resolved = int(scheduler_config[SHIFT_KEY])
+        if shift is not None and shift != resolved:
+            log.warning("model folder sets %s=%d; ignoring --shift %d", SHIFT_KEY, resolved, shift)
+        return resolved
+    return DEFAULT_SHIFT if shift is None else int(shift)
+
+
+def _load_folder(folder: Path) -> tuple[str, dict, dict]:
+    """(family, components, scheduler config) of a diffusers folder."""
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    quiet_libraries()
-
-    folder = Path(model_dir).expanduser()
-    if not folder.is_dir():
-        raise ModelLoadError(f"model folder not found: {folder}")
     index = _read_json(folder / "model_index.json", "model_index.json (is this a diffusers model folder?)")
     pipeline_class = index.get("_class_name")
     if pipeline_class in SDXL_PIPELINES:
@@ -152,44 +158,62 @@ def load_model(model_dir: str | Path, unet_file: str | Path | None = None, shift
     else:
         supported = ", ".join(sorted(SDXL_PIPELINES | SD_PIPELINES))
         raise ModelLoadError(f"unsupported pipeline class {pipeline_class!r} in {folder}; supported: {supported}")
-
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json", "scheduler config")
-    if scheduler_config.get(SHIFT_KEY) is not None:
-        resolved_shift = int(scheduler_config[SHIFT_KEY])
-        if shift is not None and shift != resolved_shift:
-            log.warning("model folder sets %s=%d; ignoring --shift %d", SHIFT_KEY, resolved_shift, shift)
-    else:
-        resolved_shift = DEFAULT_SHIFT if shift is None else int(shift)
-
-    unet = _load_component(UNet2DConditionModel, folder, "unet")
-    if unet_file is not None:
-        load_unet_file(unet, Path(unet_file).expanduser())
-    vae = _load_component(AutoencoderKL, folder, "vae")
+    parts = {"unet": _load_component(UNet2DConditionModel, folder, "unet"),
+             "vae": _load_component(AutoencoderKL, folder, "vae")}
     if family == "sdxl":
-        tokenizers = [_load_component(CLIPTokenizer, folder, n) for n in ("tokenizer", "tokenizer_2")]
-        text_encoders = [
+        parts["tokenizers"] = [_load_component(CLIPTokenizer, folder, n) for n in ("tokenizer", "tokenizer_2")]
+        parts["text_encoders"] = [
             _load_component(CLIPTextModel, folder, "text_encoder"),
             _load_component(CLIPTextModelWithProjection, folder, "text_encoder_2"),
         ]
     else:
-        tokenizers = [_load_component(CLIPTokenizer, folder, "tokenizer")]
-        text_encoders = [_load_component(CLIPTextModel, folder, "text_encoder")]
-    preview_vae = None
+        parts["tokenizers"] = [_load_component(CLIPTokenizer, folder, "tokenizer")]
+        parts["text_encoders"] = [_load_component(CLIPTextModel, folder, "text_encoder")]
     if (folder / "vae_preview").is_dir():
-        preview_vae = _load_component(AutoencoderTiny, folder, "vae_preview")
+        parts["preview_vae"] = _load_component(AutoencoderTiny, folder, "vae_preview")
+    return family, parts, scheduler_config
 
-    for module in (unet, vae, *text_encoders, *( [preview_vae] if preview_vae is not None else [])):
+
+def load_model(model: str | Path | ModelSource, unet_file: str | Path | ModelSource | None = None,
+               shift: int | None = None) -> LoadedModel:
+    """Load `model`: a local diffusers folder, a cached hub repo id, or a single-file checkpoint (any form
+    nitrofusion/sources.py resolves, or a ModelSource it made). Shift: the scheduler config's `shifted_timestep`
+    wins, else `shift`, else 250 (single files carry none: NitroSD-Realism 250, -Vibrant 500)."""
+    quiet_libraries()
+    source = resolve_model(model)
+    if source.kind == "single_file":
+        from .single_file import load_single_file
+
+        family, parts, scheduler_config = load_single_file(source.path, source.config)
+    else:
+        try:
+            family, parts, scheduler_config = _load_folder(source.path)
+        except ModelLoadError as e:
+            if source.kind != "hub":
+                raise
+            # A cached snapshot missing a component: usually a download that stopped or was filtered.
+            raise ModelLoadError(f"{e} (for {source.given}: {fetch_hint(source.repo_id, None)})") from None
+    unet_source = resolve_unet(unet_file) if unet_file is not None else None
+    if unet_source is not None:
+        load_unet_file(parts["unet"], unet_source.path)
+    preview_vae = parts.get("preview_vae")
+    for module in (parts["unet"], parts["vae"], *parts["text_encoders"], *([preview_vae] if preview_vae else [])):
         module.eval().requires_grad_(False)
+    extras = {"name": source.name, "source": source.describe()}
+    if unet_source is not None:
+        extras["source"]["unet"] = unet_source.describe()
     model = LoadedModel(
-        path=folder,
+        path=source.path,
         family=family,
-        unet=unet,
-        vae=vae,
-        text_encoders=text_encoders,
-        tokenizers=tokenizers,
+        unet=parts["unet"],
+        vae=parts["vae"],
+        text_encoders=parts["text_encoders"],
+        tokenizers=parts["tokenizers"],
         scheduler_config=scheduler_config,
-        shift=resolved_shift,
+        shift=_shift(scheduler_config, shift),
         preview_vae=preview_vae,
+        extras=extras,
     )
     _check_consistent(model)
     return model

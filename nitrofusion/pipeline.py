@@ -78,8 +78,10 @@ class Pipeline:
 
 def load_pipeline(model_dir: str | Path | None, unet_file: str | Path | None = None, shift: int | None = None,
                   device: str | None = None, dtype: str | None = None, backend: str | None = None,
-                  buckets: tuple[int, ...] | None = None, builder: ArtifactBuilder | None = None) -> Pipeline:
-    """backend: torch | onnxruntime | tensorrt. None (auto): what an export folder was made for; else
+                  buckets: tuple[int, ...] | None = None, builder: ArtifactBuilder | None = None,
+                  config: str | Path | None = None) -> Pipeline:
+    """model_dir: a diffusers or export folder, a cached Hugging Face repo id, or a single-file checkpoint
+    (`config`: its configs and tokenizers; nitrofusion/sources.py). backend: torch | onnxruntime | tensorrt. None (auto): what an export folder was made for; else
     onnxruntime on the CPU (fp32; with a `builder`, export/builder.py, the first load exports the folder to ONNX
     into the cache), torch on CUDA (backends/select.py). `buckets`: the engine's batch buckets, passed down to
     CUDA-graph capture and TensorRT profiles (default nitrofusion.scheduler.DEFAULT_BUCKETS)."""
@@ -88,8 +90,9 @@ def load_pipeline(model_dir: str | Path | None, unet_file: str | Path | None = N
         if model_dir is None:
             raise NitroError(
                 "no --model given and no bundled default model in this checkout yet: "
-                "pass --model DIR, NITRO_MODEL=DIR or `make run MODEL=DIR` (a local diffusers folder, e.g. SDXL base)"
+                "pass --model, NITRO_MODEL or `make run MODEL=...`: a local diffusers folder, a repo id in the Hugging "
+                "Face cache (e.g. stabilityai/stable-diffusion-xl-base-1.0) or a single-file .safetensors checkpoint"
             )
     buckets = tuple(buckets or DEFAULT_BUCKETS)
-    model, runtime = load_backend(model_dir, unet_file, shift, device, dtype, backend, buckets, builder)
+    model, runtime = load_backend(model_dir, unet_file, shift, device, dtype, backend, buckets, builder, config)
     return Pipeline(model, runtime, LCMSampler.from_scheduler_config(model.scheduler_config), buckets)

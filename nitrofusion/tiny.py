@@ -63,7 +63,7 @@ def _tiny_vae():
     )
 
 
-def tiny_unet(family: str, sample_size: int = 16):
+def tiny_unet(family: str, sample_size: int = 16, te2_width: int = 32):
     from diffusers import UNet2DConditionModel
 
     common = {
@@ -76,7 +76,7 @@ def tiny_unet(family: str, sample_size: int = 16):
         return UNet2DConditionModel(
             **common, attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
-            projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
+            projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + te2_width,
         )
     return UNet2DConditionModel(**common, attention_head_dim=(2, 4), cross_attention_dim=32)
 
@@ -94,17 +94,19 @@ def tiny_scheduler(shift: int | None = None):
     return sched
 
 
-def tiny_pipeline(family: str, seed: int = 0, shift: int | None = None):
-    """A diffusers pipeline object with tiny random components (SDXL or SD1.x family)."""
+def tiny_pipeline(family: str, seed: int = 0, shift: int | None = None, te2_width: int = 32):
+    """A diffusers pipeline object with tiny random components (SDXL or SD1.x family). `te2_width`: the second
+    SDXL text encoder's width; a single-file checkpoint needs it unlike the first's (48), as in SDXL (768 vs 1280),
+    because diffusers tells the two apart by it."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
-    unet, vae = tiny_unet(family), _tiny_vae()
+    unet, vae = tiny_unet(family, te2_width=te2_width), _tiny_vae()
     if family == "sdxl":
         te1 = CLIPTextModel(_text_config(tok))
-        te2 = CLIPTextModelWithProjection(_text_config(tok))
+        te2 = CLIPTextModelWithProjection(_text_config(tok, hidden=te2_width))
         return StableDiffusionXLPipeline(
             vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tiny_tokenizer(),
             unet=unet, scheduler=tiny_scheduler(shift), force_zeros_for_empty_prompt=True,
@@ -129,10 +131,10 @@ def tiny_preview_decoder():
 
 
 def save_tiny_model(path: str | Path, family: str, seed: int = 0, shift: int | None = None,
-                    preview: bool = False) -> Path:
+                    preview: bool = False, te2_width: int = 32) -> Path:
     """Save a tiny model folder; `preview` adds a `vae_preview/` tiny decoder (used for streamed previews)."""
     path = Path(path)
-    tiny_pipeline(family, seed=seed, shift=shift).save_pretrained(path)
+    tiny_pipeline(family, seed=seed, shift=shift, te2_width=te2_width).save_pretrained(path)
     if preview:
         torch.manual_seed(seed + 1)
         tiny_preview_decoder().save_pretrained(path / "vae_preview")

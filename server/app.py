@@ -139,7 +139,8 @@ def run_server(settings: ServerSettings) -> None:
     from export.builder import ExportBuilder  # build on first use (ONNX on the CPU, TensorRT engines)
 
     pipe = load_pipeline(settings.model, settings.unet, settings.shift, settings.device, settings.dtype,
-                         backend=settings.backend, buckets=settings.buckets, builder=ExportBuilder())
+                         backend=settings.backend, buckets=settings.buckets, builder=ExportBuilder(),
+                         config=settings.config)
     app = create_app(pipe, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.drain_timeout + 5,

@@ -73,10 +73,11 @@ async def openai_images(body: OpenAIImageRequest, request: Request):
 async def models(request: Request):
     pipe = request.app.state.service.pipe
     limits = pipe.size_limits
+    source = pipe.model.extras.get("source") or {}
     return ModelList(data=[ModelCard(
         id=pipe.model.name, family=pipe.model.family, native_size=limits.native, min_size=limits.min_side,
         max_size=limits.max_side, shift=pipe.shift, backend=getattr(pipe.backend, "name", "torch"),
-        device=str(pipe.backend.device),
+        device=str(pipe.backend.device), path=source.get("path"), revision=source.get("revision"),
     )])
 
 

@@ -90,6 +90,8 @@ class ModelCard(BaseModel):
     shift: int
     backend: str
     device: str
+    path: str | None = None  # what `id` (the model as given) resolved to: folder, hub snapshot or single file
+    revision: str | None = None  # the hub snapshot's commit, for a cached repo id
 
 
 class ModelList(BaseModel):

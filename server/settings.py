@@ -20,8 +20,10 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NITRO_", extra="ignore")
 
     # model
-    model: str | None = Field(None, description="diffusers model folder (default: the bundled model)")
-    unet: str | None = None
+    model: str | None = Field(None, description="diffusers folder, cached Hugging Face repo id ORG/NAME[@REV] or "
+                              "single-file .safetensors checkpoint (nitrofusion/sources.py; default: the bundled model)")
+    unet: str | None = None  # a .safetensors file or ORG/NAME/FILE.safetensors from the Hugging Face cache
+    config: str | None = None  # single-file checkpoints: their configs + tokenizers (default: the shipped ones)
     shift: int | None = None
     device: str | None = None
     dtype: str | None = None

@@ -59,6 +59,6 @@ def load_exported_model(root: str | Path, shift: int | None = None,
         text_encoders=[ConfigOnly(_config(root, f"text_encoder{s}")) for s in names], tokenizers=tokenizers,
         scheduler_config=scheduler_config, shift=resolved,
         preview_vae=ConfigOnly(_config(root, "vae_preview")) if (root / "vae_preview").is_dir() else None,
-        extras={"name": Path(manifest.source.get("path", root)).name, "export": manifest},
+        extras={"name": manifest.source.get("name") or Path(manifest.source.get("path", root)).name, "export": manifest},
     )
     return model, manifest

@@ -20,6 +20,7 @@ from ..artifacts.exported import load_exported_model
 from ..artifacts.manifest import is_export_dir
 from ..errors import ExportVerificationError, NitroError
 from ..models import LoadedModel, load_model
+from ..sources import ModelSource, resolve_model, resolve_unet
 from .base import Backend
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -68,35 +69,36 @@ def resolve_backend_name(name: str | None, model_dir: str | Path, device: str | 
     return "torch"
 
 
-def _needs_builder(builder: ArtifactBuilder | None, model_dir: Path, name: str) -> ArtifactBuilder:
+def _needs_builder(builder: ArtifactBuilder | None, source: ModelSource, name: str) -> ArtifactBuilder:
     if builder is None:
-        raise NitroError(f"--backend {name} runs exported graphs and {model_dir} is a diffusers folder: export it "
-                         f"first (nitrofusion export --model {model_dir} --format onnx --out DIR) and pass the export")
+        raise NitroError(f"--backend {name} runs exported graphs and {source.given} is not an export: export it "
+                         f"first (nitrofusion export --model {source.given} --format onnx --out DIR) and pass the "
+                         "export")
     return builder
 
 
-def _onnx_dir(model_dir: Path, unet_file, builder: ArtifactBuilder | None, name: str,
+def _onnx_dir(source: ModelSource, unet_file, builder: ArtifactBuilder | None, name: str,
               precisions: tuple[str, ...]) -> Path:
     """The ONNX export to run: the folder itself when it is one, else the builder's cached export."""
-    if is_export_dir(model_dir):
+    if is_export_dir(source.path):
         if unet_file is not None:
             raise NitroError("--unet cannot be swapped into an export folder: export the diffusers folder with the "
                              "UNet swapped in instead (nitrofusion export --model DIR --unet FILE ...)")
-        return model_dir
-    return _needs_builder(builder, model_dir, name).onnx(model_dir, unet_file, precisions)
+        return source.path
+    return _needs_builder(builder, source, name).onnx(source, unet_file, precisions)
 
 
-def load_onnxruntime(model_dir: Path, unet_file, shift, device, dtype,
+def load_onnxruntime(source: ModelSource, unet_file, shift, device, dtype,
                      builder: ArtifactBuilder | None) -> tuple[LoadedModel, Backend]:
     from .onnxruntime_backend import OnnxRuntimeBackend
 
     wants_fp16 = device == "cuda" or (device is None and torch.cuda.is_available()) or dtype in ("float16", "fp16")
-    root = _onnx_dir(model_dir, unet_file, builder, "onnxruntime", ("fp32", "fp16") if wants_fp16 else ("fp32",))
+    root = _onnx_dir(source, unet_file, builder, "onnxruntime", ("fp32", "fp16") if wants_fp16 else ("fp32",))
     model, _ = load_exported_model(root, shift=shift)
     return model, OnnxRuntimeBackend(model, root, device=device, dtype=dtype)
 
 
-def load_tensorrt(model_dir: Path, unet_file, shift, device, dtype, buckets: tuple[int, ...],
+def load_tensorrt(source: ModelSource, unet_file, shift, device, dtype, buckets: tuple[int, ...],
                   builder: ArtifactBuilder | None) -> tuple[LoadedModel, Backend]:
     """An engine folder is checked (stale or foreign engines rebuilt when a builder is given); a diffusers or
     ONNX folder goes through the builder's ONNX export and an engine cache keyed on everything that
@@ -108,6 +110,7 @@ def load_tensorrt(model_dir: Path, unet_file, shift, device, dtype, buckets: tup
         raise NitroError("--backend tensorrt runs on CUDA only: drop --device or use --device cuda")
     if dtype not in (None, "float16", "fp16"):
         log.warning("--dtype %s is ignored by --backend tensorrt (engines are built fp16)", dtype)
+    model_dir = source.path
     if is_engine_dir(model_dir):
         if unet_file is not None:
             raise NitroError("--unet cannot be swapped into built engines: export the diffusers folder with --unet")
@@ -118,34 +121,55 @@ def load_tensorrt(model_dir: Path, unet_file, shift, device, dtype, buckets: tup
                              engines.precision)
         engine_dir = model_dir
     else:
-        onnx_dir = _onnx_dir(model_dir, unet_file, builder, "tensorrt", ("fp32",))
-        engine_dir = _needs_builder(builder, model_dir, "tensorrt").tensorrt(onnx_dir, None, buckets)
+        onnx_dir = _onnx_dir(source, unet_file, builder, "tensorrt", ("fp32",))
+        engine_dir = _needs_builder(builder, source, "tensorrt").tensorrt(onnx_dir, None, buckets)
     model, _ = load_exported_model(onnx_dir, shift=shift)
     return model, TensorRTBackend(model, engine_dir)
 
 
-def load_backend(model_dir: str | Path, unet_file=None, shift: int | None = None, device: str | None = None,
-                 dtype: str | None = None, backend: str | None = None, buckets: tuple[int, ...] | None = None,
-                 builder: ArtifactBuilder | None = None) -> tuple[LoadedModel, Backend]:
-    """(model description, backend). With backend None (auto) on a diffusers folder, an ONNX export that cannot
-    be written (read-only home, full disk) or does not match torch falls back to torch, which runs the folder
-    as it is."""
+def load_backend(model_dir: str | Path | ModelSource, unet_file=None, shift: int | None = None,
+                 device: str | None = None, dtype: str | None = None, backend: str | None = None,
+                 buckets: tuple[int, ...] | None = None, builder: ArtifactBuilder | None = None,
+                 config: str | Path | None = None) -> tuple[LoadedModel, Backend]:
+    """(model description, backend). `model_dir` is any form nitrofusion/sources.py resolves (a folder, a cached
+    hub repo id, a single-file checkpoint; `config` the configs for the last). With backend None (auto) on a
+    diffusers folder, an ONNX export that cannot be written (read-only home, full disk) or does not match torch
+    falls back to torch, which runs the folder as it is."""
     from ..scheduler import DEFAULT_BUCKETS
+
+    source = resolve_model(model_dir, config)
+    exported = is_export_dir(source.path) or is_engine_dir(source.path)
+    # An export refuses any --unet (select's own message), so there is nothing to resolve for it.
+    unet = resolve_unet(unet_file) if unet_file is not None and not exported else None
+    log.info("model %s%s", source.label(), f", UNet {unet.label()}" if unet is not None else "")
+    model, runtime = _load(source, unet or unet_file, shift, device, dtype, backend,
+                           tuple(buckets or DEFAULT_BUCKETS), builder)
+    # What /v1/models and the logs show: the model as given and what it resolved to. An export folder keeps the
+    # name of the model it was exported from (its manifest's).
+    extras = getattr(model, "extras", None)
+    if extras is not None:
+        if not exported:
+            extras["name"] = source.name
+        extras["source"] = dict(source.describe(), **({"unet": unet.describe()} if unet else {}))
+    return model, runtime
+
+
+def _load(source: ModelSource, unet, shift, device, dtype, backend, buckets, builder) -> tuple[LoadedModel, Backend]:
+    """`unet`: the resolved --unet (a ModelSource), or as given for an export folder (which refuses it)."""
     from .torch_backend import TorchBackend, resolve_device_dtype
 
-    model_dir = Path(model_dir).expanduser()
-    buckets = tuple(buckets or DEFAULT_BUCKETS)
+    model_dir, unet_file = source.path, (unet.path if isinstance(unet, ModelSource) else unet)
     name = resolve_backend_name(backend, model_dir, device, dtype, can_build=builder is not None)
     try:
         if name == "onnxruntime":
-            return load_onnxruntime(model_dir, unet_file, shift, device, dtype, builder)
+            return load_onnxruntime(source, unet_file, shift, device, dtype, builder)
         if name == "tensorrt":
-            return load_tensorrt(model_dir, unet_file, shift, device, dtype, buckets, builder)
+            return load_tensorrt(source, unet_file, shift, device, dtype, buckets, builder)
     except (OSError, ExportVerificationError) as e:
         if backend is not None or is_export_dir(model_dir):
             raise
         log.warning("onnxruntime unavailable for %s (%s: %s); using torch (set NITRO_CACHE_DIR to a writable "
-                    "folder, or pass --backend torch)", model_dir, type(e).__name__, e)
+                    "folder, or pass --backend torch)", source.name, type(e).__name__, e)
     resolve_device_dtype(device, dtype)  # a bad device or dtype fails before the (slow) model load
-    model = load_model(model_dir, unet_file=unet_file, shift=shift)
+    model = load_model(source, unet_file=unet, shift=shift)
     return model, TorchBackend(model, device=device, dtype=dtype, buckets=buckets)
