@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ from .generation import GenerationRequest, generate
 from .limits import SizeLimits, check_prompt, check_seed, check_size, check_steps
 from .models import LoadedModel, load_model
 from .sampler import LCMSampler
+from .tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,11 @@ class Pipeline:
     model: LoadedModel
     backend: TorchBackend
     sampler: LCMSampler
+    # The length check's own tokenizers: the backend's are the engine thread's (nitrofusion/tokens.py).
+    tokens: TokenCounter = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = TokenCounter(self.model.tokenizers)
 
     @property
     def shift(self) -> int:
@@ -40,7 +46,7 @@ class Pipeline:
 
     def validate(self, req: GenerationRequest) -> None:
         """Raise InvalidRequest naming the first bad field."""
-        check_prompt(req.prompt, self.backend.count_tokens, self.model.max_prompt_tokens)
+        check_prompt(req.prompt, self.tokens.count, self.model.max_prompt_tokens)
         check_steps(req.steps)
         check_seed(req.seed)
         check_size("width", req.width, self.size_limits)
