@@ -11,6 +11,8 @@ import json
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -35,9 +37,11 @@ log = logging.getLogger("nitrofusion.server")
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
-def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
+def create_app(pipe: Pipeline, settings: ServerSettings, clock: Callable[[], float] | None = None) -> FastAPI:
+    """The app over `pipe`: any backend (tests pass tests/fakes.py's) and, for tests, the engine's clock."""
     metrics = PrometheusObserver()
-    engine = Engine(pipe.backend, pipe.sampler, pipe.shift, settings.engine_config(), observer=metrics)
+    engine = Engine(pipe.backend, pipe.sampler, pipe.shift, settings.engine_config(), observer=metrics,
+                    clock=clock or time.monotonic)
     metrics.bind(engine)
     service = GenerationService(pipe, engine, settings)
 
