@@ -164,6 +164,7 @@ def test_past_the_request_timeout_is_504(pipelines):
 
 
 def test_serve_with_missing_model_is_a_one_line_error(tmp_path):
+    # a real process: `serve` configures the root logger, which must not happen inside the test session
     proc = run_cli("serve", "--model", tmp_path / "missing", "--port", "1")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

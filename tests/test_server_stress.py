@@ -18,18 +18,18 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from .helpers import ServerProcess
 from .server_fixtures import LoggedServer, metric, wait_for
 
 BODY = {"prompt": "a red circle", "steps": 2, "seed": 1}
 GOOD_KEY, BAD_KEY = "k-good-3f9a1c", "k-bad-77e0d2"
 AUTH = {"Authorization": f"Bearer {GOOD_KEY}"}
-CAP = 4
+CAP = 6
 
 
 @pytest.fixture(scope="module")
 def guarded(tiny_sd_dir):
-    """One server with short client timeouts, a small connection cap, API keys and a batch wait."""
+    """One server with short client timeouts, a small connection cap, API keys and a batch wait, for every test
+    here (in file order: the connection cap first, SIGTERM last)."""
     env = {"NITRO_API_KEYS": GOOD_KEY, "NITRO_HEADER_TIMEOUT": "1", "NITRO_BODY_TIMEOUT": "1",
            "NITRO_MAX_CONNECTIONS": str(CAP), "NITRO_BATCH_WAIT_MS": "2000"}
     srv = LoggedServer("--model", tiny_sd_dir, "--device", "cpu", env=env)
@@ -124,40 +124,23 @@ def test_api_keys_never_reach_the_log_and_request_ids_do(guarded):
     assert '"WebSocket /ws?[redacted]" [accepted]' in log and '"WebSocket /ws?[redacted]" 403' in log
 
 
-@pytest.fixture
-def start(tiny_sd_dir):
-    servers = []
-
-    def make(**env):
-        srv = ServerProcess("--model", tiny_sd_dir, "--device", "cpu",
-                            env={f"NITRO_{k.upper()}": str(v) for k, v in env.items()})
-        srv.wait_ready("/readyz")
-        servers.append(srv)
-        return srv
-
-    yield make
-    for s in servers:
-        if s.proc.poll() is None:
-            s.stop()
-
-
-def test_sigterm_drains_in_flight_work_then_exits_0(start):
-    srv = start(batch_wait_ms=3000, drain_timeout=60)
+def test_sigterm_drains_in_flight_work_then_exits_0(guarded):
+    """Last in this module: it ends the server."""
     results = {}
 
     def call(i):
-        results[i] = httpx.post(srv.url + "/generate", json={**BODY, "seed": i}, timeout=60)
+        results[i] = httpx.post(guarded.url + "/generate", json={**BODY, "seed": i}, headers=AUTH, timeout=60)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
-    wait_for(lambda: metric(srv.url, "nitro_queue_depth") == 3)
-    srv.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: httpx.get(srv.url + "/readyz").status_code == 503)
-    assert httpx.get(srv.url + "/readyz").json() == {"status": "draining"}
-    late = httpx.post(srv.url + "/generate", json=BODY, timeout=60)
+    wait_for(lambda: metric(guarded.url, "nitro_queue_depth") == 3)  # held by the 2 s batch wait
+    guarded.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: httpx.get(guarded.url + "/readyz").status_code == 503)
+    assert httpx.get(guarded.url + "/readyz").json() == {"status": "draining"}
+    late = httpx.post(guarded.url + "/generate", json=BODY, headers=AUTH, timeout=60)
     assert late.status_code == 503
     for t in threads:
         t.join(60)
     assert [results[i].status_code for i in range(3)] == [200, 200, 200]
-    assert srv.proc.wait(60) == 0
+    assert guarded.proc.wait(60) == 0
