@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long an idle engine waits to fill a batch, default 0")
     serve.add_argument("--no-batching", dest="batching", action="store_const", const=False, default=None,
                        help="one request at a time (for comparison)")
+    serve.add_argument("--header-timeout", type=float, default=None,
+                       help="seconds a client has to send a request's headers, default 10")
+    serve.add_argument("--body-timeout", type=float, default=None,
+                       help="seconds a client has to send a request's body (else 408), default 30")
+    serve.add_argument("--max-connections", type=int, default=None,
+                       help="open connections, websockets included, before 503, default 1024")
+    serve.add_argument("--max-header-bytes", type=int, default=None,
+                       help="request line + headers before 431, default 16384")
 
     train = sub.add_parser("train", help="train a student (stages 0-3 + export; resumable)")
     from trainer.cli import add_arguments as _train_args  # argparse only: the trainer's heavy imports stay lazy

@@ -3,7 +3,8 @@
 An entry is keyed on the model's content (every file's bytes), the swapped-in UNet file's bytes, the
 precisions and every version that changes what the exporter writes. An entry is used only when its manifest
 records that key and every graph file still has its recorded hash; anything else is rebuilt in a fresh
-folder and swapped in, so a crash mid-export never leaves a half entry that looks whole.
+folder and swapped in, so a crash mid-export never leaves a half entry that looks whole. The fresh folder of
+an export that was killed is removed by the next export's start (sweep_stale).
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: unfinished folders are swept by age alone
+    fcntl = None
 
 from nitrofusion.artifacts.manifest import MANIFEST_NAME, check_files, read_manifest, sha256_file
 from nitrofusion.errors import ModelLoadError
@@ -24,6 +31,9 @@ from .hash_memo import HashMemo
 from .versions import exporter_versions
 
 log = logging.getLogger(__name__)
+
+OWNER_LOCK = ".owner.lock"
+UNLOCKED_MAX_AGE_S = 24 * 3600  # a work folder with no lock (made by an older version) is left this long
 
 
 def cache_root() -> Path:
@@ -54,6 +64,60 @@ def _entry_problem(entry: Path, key: str, memo: HashMemo | None = None) -> str |
     return check_files(entry, manifest, memo.digest if memo else sha256_file)
 
 
+def _claim(folder: Path) -> int | None:
+    """Hold an exclusive lock on folder/.owner.lock while this process works in `folder`. The OS releases it
+    when the process ends, however it ends, which is how sweep_stale tells a dead owner from a live one
+    (also across processes that share the cache, as replicas sharing a volume do)."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder / OWNER_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _work_dir(root: Path, prefix: str) -> tuple[Path, int | None]:
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    return folder, _claim(folder)
+
+
+def _release(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def sweep_stale(root: Path) -> list[Path]:
+    """Remove the work folders (`.<name>` in the cache) of exports that were killed midway: their owner's lock
+    is free. A live export keeps its folder (its owner holds the lock); a folder without a lock file is left
+    until it is a day old, since its owner may have only just created it."""
+    removed = []
+    for folder in sorted(root.glob(".*")) if root.is_dir() else []:
+        if not folder.is_dir():
+            continue
+        lock = folder / OWNER_LOCK
+        if fcntl is not None and lock.exists():
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError:
+                continue  # its owner is removing it
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # a live export
+            try:
+                shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                os.close(fd)
+        elif time.time() - folder.stat().st_mtime > UNLOCKED_MAX_AGE_S:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            continue
+        removed.append(folder)
+    if removed:
+        log.info("removed %d unfinished export folder(s) from %s", len(removed), root)
+    return removed
+
+
 def ensure_onnx_export(model: str | Path | ModelSource, unet_file: str | Path | ModelSource | None = None,
                        precisions: tuple[str, ...] = ("fp32",), progress: bool = True) -> Path:
     """The cache folder holding a verified export of this model, exporting it first when needed. `model`: any
@@ -61,6 +125,7 @@ def ensure_onnx_export(model: str | Path | ModelSource, unet_file: str | Path | 
     id shares one entry); the manifest records the name the model was given, its path and revision."""
     from .onnx_export import export_onnx
 
+    sweep_stale(cache_root() / "onnx")
     source = resolve_model(model)
     memo = HashMemo(cache_root() / "file-hashes.json")  # unchanged files are not re-read on every start
     source_hash = source.content_hash(memo.digest)
@@ -80,17 +145,18 @@ def ensure_onnx_export(model: str | Path | ModelSource, unet_file: str | Path | 
     log.warning("exporting %s to ONNX for onnxruntime, once (%s; later loads reuse it; --backend torch needs "
                 "no export); cache: %s", source.label(), problem, entry)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=root))
+    tmp, owner = _work_dir(root, f".{key[:12]}-")
     try:
         export_onnx(source, tmp / "export", unet_file=unet_file, precisions=precisions, progress=progress,
                     cache_key=key, source_hash=source_hash)
         if entry.exists():
-            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=root))
+            stale, stale_owner = _work_dir(root, ".stale-")
             try:
                 os.replace(entry, stale / "old")
             except FileNotFoundError:
                 pass  # another process moved it first
             shutil.rmtree(stale, ignore_errors=True)
+            _release(stale_owner)
         try:
             os.replace(tmp / "export", entry)
         except OSError:
@@ -99,5 +165,6 @@ def ensure_onnx_export(model: str | Path | ModelSource, unet_file: str | Path | 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        _release(owner)
     memo.save()
     return entry

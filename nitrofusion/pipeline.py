@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +31,11 @@ class Pipeline:
     backend: Backend
     sampler: LCMSampler
     buckets: tuple[int, ...] = DEFAULT_BUCKETS  # what the backend captured graphs / built engines for
-    tokens: TokenCounter | None = None  # its own tokenizer copies: validation runs off the engine thread
+    # The length check's own tokenizers: the backend's are the engine thread's (nitrofusion/tokens.py).
+    tokens: TokenCounter = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.tokens is None:
-            self.tokens = TokenCounter(self.model.tokenizers)
+        self.tokens = TokenCounter(self.model.tokenizers)
 
     @property
     def shift(self) -> int:

@@ -7,26 +7,28 @@ lifespan warms it up before /readyz turns ready, and drains it on shutdown.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 
 from nitrofusion.engine import Cancelled, Engine, EngineClosed, GenerationFailed, QueueFull, RequestTimeout
 from nitrofusion.pipeline import Pipeline, load_pipeline
 
 from . import routes, ws
+from .errors import validation_error
 from .metrics import PrometheusObserver
 from .middleware import GuardMiddleware
+from .net import bounded_protocol, redact_uvicorn_logs
 from .service import GenerationService, error_response
 from .settings import ServerSettings
 
@@ -34,14 +36,16 @@ log = logging.getLogger("nitrofusion.server")
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
-def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
+def create_app(pipe: Pipeline, settings: ServerSettings, clock: Callable[[], float] | None = None) -> FastAPI:
+    """The app over `pipe`: any backend (tests pass tests/fakes.py's) and, for tests, the engine's clock."""
     if tuple(pipe.buckets) != tuple(settings.buckets):
         # One bucket list drives the engine's padding, the CUDA graphs and the TensorRT profiles: a pipeline
         # loaded for other buckets would replay nothing and run eagerly (or job by job) without a word.
         raise ValueError(f"the pipeline was loaded for buckets {pipe.buckets} but the settings say {settings.buckets}: "
                          "pass settings.buckets to load_pipeline")
     metrics = PrometheusObserver()
-    engine = Engine(pipe.backend, pipe.sampler, pipe.shift, settings.engine_config(), observer=metrics)
+    engine = Engine(pipe.backend, pipe.sampler, pipe.shift, settings.engine_config(), observer=metrics,
+                    clock=clock or time.monotonic)
     metrics.bind(engine)
     service = GenerationService(pipe, engine, settings)
 
@@ -57,7 +61,9 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
         app.state.draining = True
         await asyncio.to_thread(engine.stop, True, settings.drain_timeout)
 
-    app = FastAPI(title="NitroFusion", version="0.1.0", lifespan=lifespan,
+    # redirect_slashes off: Starlette builds the redirect from the client's Host header, so /generate/ would
+    # send the client wherever that header said; a 404 is the honest answer.
+    app = FastAPI(title="NitroFusion", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description="Real-time 1-4 step text-to-image generation.")
     app.state.settings, app.state.service, app.state.metrics = settings, service, metrics
     app.state.engine = engine
@@ -74,28 +80,16 @@ def create_app(pipe: Pipeline, settings: ServerSettings) -> FastAPI:
     for exc_type in (QueueFull, EngineClosed, RequestTimeout, Cancelled, GenerationFailed):
         app.add_exception_handler(exc_type, lambda request, exc: error_response(exc, service))
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        """FastAPI's 422 body, plus OpenAI's error object on /v1 routes so that its clients show the reason."""
-        response = await request_validation_exception_handler(request, exc)
-        if not request.url.path.startswith("/v1/"):
-            return response
-        first = exc.errors()[0]
-        param = str(first["loc"][-1]) if first.get("loc") else None
-        body = json.loads(response.body)
-        body["error"] = {"message": f"{param}: {first['msg']}", "type": "invalid_request_error", "param": param,
-                         "code": None}
-        return JSONResponse(body, 422)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        log.exception("request %s failed", request.scope.get("state", {}).get("request_id"))
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
-
+    app.add_exception_handler(RequestValidationError, validation_error)
+    # Unexpected exceptions are answered (500, with the request id) and logged by GuardMiddleware.
+    app.add_middleware(GuardMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes,
+                       body_timeout=settings.body_timeout, max_header_bytes=settings.max_header_bytes)
     if settings.cors_origins:
+        # Added last, so outermost: a preflight (no credentials, by design) is answered before the key check,
+        # and 401s, 413s and 500s carry CORS headers too so that the page can read them.
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"])
-    app.add_middleware(GuardMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes)
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "X-Seed", "Retry-After"])
     return app
 
 
@@ -144,5 +138,9 @@ def run_server(settings: ServerSettings) -> None:
     app = create_app(pipe, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.drain_timeout + 5,
-                            ws_max_size=settings.ws_max_message_bytes, access_log=False)
+                            ws_max_size=settings.ws_max_message_bytes, access_log=False,
+                            http=bounded_protocol(settings.header_timeout),
+                            limit_concurrency=settings.max_connections,
+                            h11_max_incomplete_event_size=settings.max_header_bytes)
+    redact_uvicorn_logs()  # after Config, which configures uvicorn's loggers
     DrainingServer(config, app, settings.drain_timeout).run()

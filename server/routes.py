@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nitrofusion.images import MEDIA_TYPES, encode_image
 
+from .errors import StrictJSONRoute
 from .schemas import (
     GenerateRequest,
     GenerateResponse,
@@ -23,7 +24,7 @@ from .schemas import (
     OpenAIImagesResponse,
 )
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)  # every body that fails to parse is a 422
 
 
 async def _encode_all(images, fmt: str) -> list[bytes]:

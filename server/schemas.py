@@ -3,7 +3,7 @@ on the loaded model (size range, prompt tokens) are checked by the core and repo
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,8 +48,12 @@ class GenerateResponse(BaseModel):
     output_format: str
 
 
+WsId = Annotated[int, Field(ge=-MAX_SEED - 1, le=MAX_SEED)] | Annotated[str, Field(max_length=256)]
+
+
 class WsRequest(ImageParams):
-    id: int | str | None = Field(None, description="echoed in every frame for this request")
+    # bounded: it is echoed in every frame of its request
+    id: WsId | None = Field(None, description="echoed in every frame for this request (a 64-bit int or text)")
 
 
 class OpenAIImageRequest(BaseModel):

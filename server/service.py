@@ -4,6 +4,7 @@ cancelling on disconnect, and mapping engine errors to HTTP answers."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import secrets
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from nitrofusion.pipeline import Pipeline
 
 from .schemas import ImageParams
 from .settings import ServerSettings
+
+log = logging.getLogger("nitrofusion.server")
 
 
 def invalid(field: str, reason: str, value: object = None, where: str = "body") -> RequestValidationError:
@@ -60,15 +63,24 @@ class GenerationService:
             raise invalid(name, e.reason, getattr(base, e.field, None), where) from None
         return [GenerationRequest(base.prompt, base.steps, seed + i, base.width, base.height) for i in range(n)]
 
+    def submit(self, job: Job) -> Job:
+        """Hand `job` to the engine; however it ends other than with images or a cancellation, one log line
+        says which request and why (the engine only counts failures, and knows no request ids)."""
+        self.engine.submit(job)
+        job.future.add_done_callback(lambda future: _log_failure(job.id, future))
+        return job
+
     async def run(self, requests: list[GenerationRequest], http_request: Request | None = None) -> list[np.ndarray]:
         """Submit one job and wait for its images; a client that disconnects cancels it."""
-        job = self.engine.submit(Job(requests))
+        rid = http_request.scope.get("state", {}).get("request_id", "-") if http_request is not None else "-"
+        job = self.submit(Job(requests, id=rid))
         watcher = asyncio.create_task(_cancel_on_disconnect(http_request, job)) if http_request else None
         try:
             # The engine enforces the deadline itself; this outer bound only guards against a stuck engine.
-            return await asyncio.wait_for(asyncio.wrap_future(job.future), self.settings.request_timeout + 30)
+            return await asyncio.wait_for(follow(job), self.settings.request_timeout + 30)
         except TimeoutError:
             job.cancel()
+            log.error("request %s: the engine gave no answer within %g s", rid, self.settings.request_timeout + 30)
             raise RequestTimeout(f"not finished within {self.settings.request_timeout:g} s") from None
         except asyncio.CancelledError:
             job.cancel()
@@ -77,19 +89,56 @@ class GenerationService:
             if watcher is not None:
                 watcher.cancel()
 
-    def stream(self, requests: list[GenerationRequest], on_progress) -> Job:
+    def stream(self, requests: list[GenerationRequest], on_progress, request_id: str = "-") -> Job:
         """Submit a streaming job; `on_progress(Progress)` is called on the event loop thread."""
         loop = asyncio.get_running_loop()
 
         def forward(event: Progress) -> None:  # runs on the engine thread
             loop.call_soon_threadsafe(on_progress, event)
 
-        return self.engine.submit(Job(requests, stream=True, on_progress=forward))
+        return self.submit(Job(requests, stream=True, on_progress=forward, id=request_id))
 
     def retry_after_s(self) -> int:
         """Seconds a client should wait before retrying: about one batch-worth of the queue per second."""
         waiting = self.engine.queue_depth
         return max(1, math.ceil(waiting / self.settings.max_batch))
+
+
+def follow(job: Job) -> asyncio.Future:
+    """An asyncio future that follows `job.future`, one way. Not asyncio.wrap_future: cancelling its future
+    (a client gone, a timeout, a sender done before the engine set the result) cancels the job's future too,
+    which belongs to the engine thread; its next set_result then raises there and fails the whole iteration,
+    other requests included. Jobs are cancelled with job.cancel(), which the engine answers itself."""
+    loop = asyncio.get_running_loop()
+    mirror = loop.create_future()
+
+    def copy(source) -> None:  # on the event loop
+        if mirror.done():
+            return
+        if source.cancelled():
+            mirror.cancel()
+        elif source.exception() is not None:
+            mirror.set_exception(source.exception())
+        else:
+            mirror.set_result(source.result())
+
+    def schedule(source) -> None:  # on the engine thread, or here when already done
+        try:
+            loop.call_soon_threadsafe(copy, source)
+        except RuntimeError:  # the loop has closed: nobody is waiting any more
+            pass
+
+    job.future.add_done_callback(schedule)
+    return mirror
+
+
+def _log_failure(request_id: str, future) -> None:
+    """Runs on the engine thread when a job's future resolves."""
+    exc = None if future.cancelled() else future.exception()
+    if exc is None or isinstance(exc, Cancelled):
+        return
+    level = logging.ERROR if isinstance(exc, GenerationFailed) else logging.WARNING  # timeouts, draining
+    log.log(level, "request %s failed: %s: %s", request_id, type(exc).__name__, exc)
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:

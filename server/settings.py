@@ -46,6 +46,11 @@ class ServerSettings(BaseSettings):
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
     max_body_bytes: int = Field(1 << 20, ge=1024)
     ws_max_message_bytes: int = Field(64 << 10, ge=1024)
+    # slow and greedy clients (server/net.py, server/middleware.py); an ingress in front is still expected
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send a request's headers")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a client has to send a request's body")
+    max_connections: int = Field(1024, ge=1, description="open connections (websockets included) before 503")
+    max_header_bytes: int = Field(16 << 10, ge=1024, description="request line + headers; more is 431 (or 400)")
     drain_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight work")
     warmup: bool = True
     cache_dir: str | None = None
@@ -61,6 +66,15 @@ class ServerSettings(BaseSettings):
     def _parse_list(cls, v: object) -> object:
         v = _split(v)
         return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("api_keys", mode="wrap")
+    @classmethod
+    def _keys_or_nothing(cls, v: object, handler) -> tuple[str, ...]:
+        """NITRO_API_KEYS=" , " is a mistake, not a wish for an open server: only an empty value means no auth."""
+        keys = handler(v)
+        if not keys and isinstance(v, str) and v != "":
+            raise ValueError(f"{v!r} holds no API key: give comma-separated keys, or leave it empty for no auth")
+        return keys
 
     @model_validator(mode="after")
     def _engine_config_is_valid(self) -> ServerSettings:
