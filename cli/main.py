@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, default=None, help="seconds before 504, default 120")
     serve.add_argument("--batch-wait-ms", type=float, default=None,
                        help="how long an idle engine waits to fill a batch, default 0")
+    serve.add_argument("--latency-target-ms", type=float, default=None,
+                       help='what "steps": "auto" requests aim for, admission to image (default: off, auto = max '
+                            "steps)")
     serve.add_argument("--no-batching", dest="batching", action="store_const", const=False, default=None,
                        help="one request at a time (for comparison)")
     serve.add_argument("--header-timeout", type=float, default=None,

@@ -26,6 +26,11 @@ class PrometheusObserver(EngineObserver):
         self.cancellations = Counter("nitro_cancellations", "Requests cancelled (client gone, replaced)",
                                      registry=r)
         self.failures = Counter("nitro_failures", "Requests that failed", ["reason"], registry=r)
+        self.auto_steps = Histogram("nitro_auto_steps", 'Steps chosen for "steps": "auto" requests',
+                                    buckets=(1, 2, 3, 4), registry=r)
+        self.auto_error = Histogram("nitro_auto_latency_error_seconds", 'For "auto" requests: actual minus '
+                                    "predicted admission-to-image time", buckets=(-5, -1, -0.25, -0.05, 0, 0.05,
+                                                                                   0.25, 1, 5), registry=r)
 
     def bind(self, engine: Engine) -> None:
         self.queue_depth.set_function(lambda: engine.queue_depth)
@@ -39,6 +44,10 @@ class PrometheusObserver(EngineObserver):
     def finished(self, job: Job, seconds: float, images: int) -> None:
         self.request_latency.labels(steps=str(job.steps)).observe(seconds)
         self.images.inc(images)
+        if job.auto_steps is not None:
+            self.auto_steps.observe(job.steps)
+            if job.predicted_s is not None:
+                self.auto_error.observe(seconds - job.predicted_s)
 
     def rejected(self, reason: str) -> None:
         self.rejections.labels(reason=reason).inc()

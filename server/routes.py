@@ -44,13 +44,14 @@ def _wants_image(request: Request, fmt: str) -> bool:
 async def generate(body: GenerateRequest, request: Request):
     service = request.app.state.service
     reqs = service.requests_for(body, body.num_images)
-    images = await service.run(reqs, request)
+    images, job = await service.run(reqs, request, service.auto_steps(body))
     encoded = await _encode_all(images, body.output_format)
     seeds = [r.seed for r in reqs]
     if len(encoded) == 1 and _wants_image(request, body.output_format):
-        return Response(encoded[0], media_type=MEDIA_TYPES[body.output_format], headers={"X-Seed": str(seeds[0])})
+        return Response(encoded[0], media_type=MEDIA_TYPES[body.output_format],
+                        headers={"X-Seed": str(seeds[0]), "X-Steps": str(job.steps)})
     return GenerateResponse(images=[base64.b64encode(e).decode() for e in encoded], seed=seeds[0], seeds=seeds,
-                            steps=reqs[0].steps, width=reqs[0].width, height=reqs[0].height,
+                            steps=job.steps, width=reqs[0].width, height=reqs[0].height,
                             output_format=body.output_format)
 
 
@@ -60,11 +61,12 @@ async def openai_images(body: OpenAIImageRequest, request: Request):
     width = height = None
     if body.size is not None:
         width, height = (int(v) for v in body.size.split("x"))
-    params = ImageParams.model_construct(prompt=body.prompt, steps=body.steps, seed=body.seed, width=width,
-                                         height=height)
+    params = ImageParams.model_construct(prompt=body.prompt, steps=body.steps, min_steps=body.min_steps,
+                                         max_steps=body.max_steps, seed=body.seed, width=width, height=height,
+                                         decoder=body.decoder)
     # A size like "1000x1000" fails the model-dependent checks; report it against `size`.
     reqs = service.requests_for(params, body.n, field_names={"width": "size", "height": "size"})
-    images = await service.run(reqs, request)
+    images, _ = await service.run(reqs, request, service.auto_steps(params))
     encoded = await _encode_all(images, "png")
     return OpenAIImagesResponse(created=int(time.time()),
                                 data=[OpenAIImage(b64_json=base64.b64encode(e).decode()) for e in encoded])

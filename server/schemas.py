@@ -12,7 +12,14 @@ from nitrofusion.sampler import MAX_STEPS, MIN_STEPS
 
 MAX_IMAGES = 4
 Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
-Steps = Field(1, ge=MIN_STEPS, le=MAX_STEPS, description="denoising steps, 1-4")
+Steps = Field(1, description='denoising steps, 1-4, or "auto": the server picks between min_steps and max_steps '
+                             "by load, aiming at its latency target (NITRO_LATENCY_TARGET_MS)")
+StepCount = Annotated[int, Field(ge=MIN_STEPS, le=MAX_STEPS)]
+StepsField = StepCount | Literal["auto"]
+MinSteps = Field(MIN_STEPS, ge=MIN_STEPS, le=MAX_STEPS, description='with "steps": "auto", the fewest steps')
+MaxSteps = Field(MAX_STEPS, ge=MIN_STEPS, le=MAX_STEPS, description='with "steps": "auto", the most steps')
+Decoder = Field("full", description="full: the model's VAE decoder; fast: its tiny decoder (vae_preview/), "
+                                     "several times cheaper and a little softer")
 Seed = Field(None, ge=0, le=MAX_SEED, description="default: random; returned in the response")
 
 
@@ -27,10 +34,13 @@ class ImageParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Prompt
-    steps: int = Steps
+    steps: StepsField = Steps
+    min_steps: int = MinSteps
+    max_steps: int = MaxSteps
     seed: int | None = Seed
     width: int | None = _side("width")
     height: int | None = _side("height")
+    decoder: Literal["full", "fast"] = Decoder
 
 
 class GenerateRequest(ImageParams):
@@ -67,8 +77,11 @@ class OpenAIImageRequest(BaseModel):
     response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: nothing is stored to link")
     model: str | None = None
     user: str | None = None
-    steps: int = Steps
+    steps: StepsField = Steps
+    min_steps: int = MinSteps
+    max_steps: int = MaxSteps
     seed: int | None = Seed
+    decoder: Literal["full", "fast"] = Decoder
 
 
 class OpenAIImage(BaseModel):

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from fastapi import Request
@@ -55,13 +55,25 @@ class GenerationService:
             raise invalid("seed", f"seed + images - 1 must be at most {MAX_SEED}", seed, where)
         width = native if params.width is None else params.width  # 0 is a bad width, not "use the default"
         height = native if params.height is None else params.height
-        base = GenerationRequest(params.prompt, params.steps, seed, width, height)
+        auto = self.auto_steps(params, where)
+        steps = auto[1] if auto else params.steps  # the engine picks the count when it accepts the job
+        base = GenerationRequest(params.prompt, steps, seed, width, height, decoder=params.decoder)
         try:
             self.pipe.validate(base)
         except InvalidRequest as e:
             name = (field_names or {}).get(e.field, e.field)
             raise invalid(name, e.reason, getattr(base, e.field, None), where) from None
-        return [GenerationRequest(base.prompt, base.steps, seed + i, base.width, base.height) for i in range(n)]
+        return [replace(base, seed=seed + i) for i in range(n)]
+
+    @staticmethod
+    def auto_steps(params: ImageParams, where: str = "body") -> tuple[int, int] | None:
+        """(min_steps, max_steps) for "steps": "auto", else None."""
+        if params.steps != "auto":
+            return None
+        if params.min_steps > params.max_steps:
+            raise invalid("min_steps", f"must be at most max_steps ({params.max_steps}), got {params.min_steps}",
+                          params.min_steps, where)
+        return params.min_steps, params.max_steps
 
     def submit(self, job: Job) -> Job:
         """Hand `job` to the engine; however it ends other than with images or a cancellation, one log line
@@ -70,14 +82,16 @@ class GenerationService:
         job.future.add_done_callback(lambda future: _log_failure(job.id, future))
         return job
 
-    async def run(self, requests: list[GenerationRequest], http_request: Request | None = None) -> list[np.ndarray]:
-        """Submit one job and wait for its images; a client that disconnects cancels it."""
+    async def run(self, requests: list[GenerationRequest], http_request: Request | None = None,
+                  auto_steps: tuple[int, int] | None = None) -> tuple[list[np.ndarray], Job]:
+        """Submit one job and wait for its images (and the job: its `steps` is what "auto" chose); a client that
+        disconnects cancels it."""
         rid = http_request.scope.get("state", {}).get("request_id", "-") if http_request is not None else "-"
-        job = self.submit(Job(requests, id=rid))
+        job = self.submit(Job(requests, id=rid, auto_steps=auto_steps))
         watcher = asyncio.create_task(_cancel_on_disconnect(http_request, job)) if http_request else None
         try:
             # The engine enforces the deadline itself; this outer bound only guards against a stuck engine.
-            return await asyncio.wait_for(follow(job), self.settings.request_timeout + 30)
+            return await asyncio.wait_for(follow(job), self.settings.request_timeout + 30), job
         except TimeoutError:
             job.cancel()
             log.error("request %s: the engine gave no answer within %g s", rid, self.settings.request_timeout + 30)
@@ -89,14 +103,15 @@ class GenerationService:
             if watcher is not None:
                 watcher.cancel()
 
-    def stream(self, requests: list[GenerationRequest], on_progress, request_id: str = "-") -> Job:
+    def stream(self, requests: list[GenerationRequest], on_progress, request_id: str = "-",
+               auto_steps: tuple[int, int] | None = None) -> Job:
         """Submit a streaming job; `on_progress(Progress)` is called on the event loop thread."""
         loop = asyncio.get_running_loop()
 
         def forward(event: Progress) -> None:  # runs on the engine thread
             loop.call_soon_threadsafe(on_progress, event)
 
-        return self.submit(Job(requests, stream=True, on_progress=forward, id=request_id))
+        return self.submit(Job(requests, stream=True, on_progress=forward, id=request_id, auto_steps=auto_steps))
 
     def retry_after_s(self) -> int:
         """Seconds a client should wait before retrying: about one batch-worth of the queue per second."""

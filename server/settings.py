@@ -41,6 +41,8 @@ class ServerSettings(BaseSettings):
     request_timeout: float = Field(120.0, gt=0, description="seconds before a request is answered 504")
     batch_wait_ms: float = Field(0.0, ge=0, description="how long an idle engine waits to fill a batch")
     batching: bool = Field(True, description="false: one request at a time (for comparison)")
+    latency_target_ms: float | None = Field(None, gt=0, description='what "steps": "auto" aims for, from admission '
+                                            "to image (unset: auto means max_steps)")
     # protection
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
@@ -85,4 +87,5 @@ class ServerSettings(BaseSettings):
         return EngineConfig(
             max_batch=self.max_batch, buckets=self.buckets, max_queue=self.max_queue,
             request_timeout_s=self.request_timeout, batch_wait_ms=self.batch_wait_ms, batching=self.batching,
+            latency_target_ms=self.latency_target_ms,
         )

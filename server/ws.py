@@ -112,6 +112,7 @@ class Session:
         try:
             params = WsRequest.model_validate(data)
             requests = self.service.requests_for(params, 1, where="message")
+            auto = self.service.auto_steps(params, where="message")
         except (ValidationError, RequestValidationError) as e:
             await self.error(_errors(e), req_id)
             return
@@ -119,7 +120,7 @@ class Session:
             self.job.cancel()  # as-you-type: the newest request wins; its sender answers it "cancelled"
         events: asyncio.Queue[Progress] = asyncio.Queue()
         try:
-            job = self.service.stream(requests, events.put_nowait, rid)
+            job = self.service.stream(requests, events.put_nowait, rid, auto_steps=auto)
         except Exception as e:
             resp = error_response(e, self.service)
             if resp is None:
@@ -150,7 +151,7 @@ class Session:
                 await self.send({"type": "progress", "step": event.step, "steps": event.steps, "seed": event.seed,
                                  "final": event.final, "id": req_id}, jpeg)
                 if event.final:
-                    await self.send({"type": "done", "steps": req.steps, "seed": req.seed, "id": req_id,
+                    await self.send({"type": "done", "steps": job.steps, "seed": req.seed, "id": req_id,
                                      "width": req.width, "height": req.height,
                                      "latency_ms": round((time.perf_counter() - start) * 1000, 1)})
                     return

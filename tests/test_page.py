@@ -47,12 +47,17 @@ def test_typing_a_prompt_shows_the_image_refining(page, tmp_path):
     expect(page.locator("#state")).to_contain_text("done (seed 7)", timeout=30_000)
     expect(page.locator("#latency")).to_contain_text("ms")
     assert img.evaluate("el => el.naturalWidth") == 32  # the tiny model's native size
+    # shown many times its size: nearest-neighbour scaling, not a blurred blow-up
+    assert img.evaluate("el => getComputedStyle(el).imageRendering") == "pixelated"
     first_src = img.get_attribute("src")
 
     page.select_option("#steps", "4")
     expect(img).to_have_attribute("data-steps", "4", timeout=30_000)
     expect(img).to_have_attribute("data-step", "4", timeout=30_000)
     assert img.get_attribute("src") != first_src
+    page.select_option("#steps", "auto")  # no latency target on this server: auto means the most steps
+    expect(page.locator("#state")).to_contain_text("done (seed 7)", timeout=30_000)
+    expect(img).to_have_attribute("data-steps", "4", timeout=30_000)
     page.screenshot(path=str(tmp_path / "page.png"))
 
 

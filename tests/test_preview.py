@@ -32,3 +32,29 @@ def test_preview_falls_back_to_the_full_vae(pipelines):
     assert pipe.model.preview_vae is None
     x0 = _x0_after_one_step(pipe)
     assert np.array_equal(pipe.backend.preview(x0), pipe.backend.decode(x0))
+
+
+def test_decoder_fast_decodes_the_final_latents_with_the_tiny_decoder(tmp_path):
+    """`decoder: fast` per request: the same latents as `full`, decoded by vae_preview/; alone or in a batch
+    with a `full` request, each gets its own decoder."""
+    from nitrofusion.engine import Engine, EngineConfig, Job
+
+    pipe = load_pipeline(save_tiny_model(tmp_path / "m", "sd", preview=True), device="cpu", backend="torch")
+    full = GenerationRequest("a red circle", 2, 5, 64, 48)
+    fast = GenerationRequest("a red circle", 2, 5, 64, 48, decoder="fast")
+    img_full, img_fast = pipe([full])[0], pipe([fast])[0]
+    rows = [new_row(full, pipe.sampler, pipe.backend, pipe.shift)]
+    while not rows[0].done:
+        step_rows(pipe.backend, pipe.sampler, rows)
+    assert np.array_equal(img_fast, pipe.backend.decode_fast(rows[0].latents)[0])
+    assert np.array_equal(img_full, pipe.backend.decode(rows[0].latents)[0])
+    assert not np.array_equal(img_fast, img_full)
+    engine = Engine(pipe.backend, pipe.sampler, pipe.shift, EngineConfig(batch_wait_ms=2000, max_batch=2,
+                                                                         buckets=(1, 2))).start()
+    try:
+        jobs = [engine.submit(Job([r])) for r in (full, fast)]  # one UNet batch, two decoders
+        got = [j.future.result(timeout=120)[0] for j in jobs]
+    finally:
+        engine.stop()
+    for a, b in zip(got, (img_full, img_fast)):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from nitrofusion.cli import main as cli_main
 
+from cli.main import main as cli_main
 from nitrofusion.engine import Cancelled
 
 from .server_fixtures import ServerFailingBackend, ServerFakeBackend, fake_pipeline, in_process, metric, wait_for
@@ -67,7 +67,8 @@ def test_bytes_that_are_not_utf8_are_a_422(client):
 def test_an_unexpected_error_is_a_500_with_its_request_id_logged_once(pipelines, caplog):
     class UnencodableImages(ServerFakeBackend):
         def decode(self, latents):
-            return np.zeros((len(latents), 2, 2), dtype=object)  # not an image PIL can write
+            # uint8 arrays the engine passes on, with 5 channels: not an image PIL can write
+            return np.zeros((len(latents), 2, 2, 5), dtype=np.uint8)
 
     with in_process(fake_pipeline(pipelines, backend=UnencodableImages())) as c, caplog.at_level(logging.ERROR):
         r = c.post("/generate", json=BODY, headers={"X-Request-ID": "req-500"})
