@@ -112,12 +112,13 @@ MODES = {  # name -> (batching, extra environment of the server process)
 
 
 def start_server(model: str, batching: bool, max_batch: int, backend: str | None, buckets: str | None = None,
-                 env: dict | None = None) -> tuple[subprocess.Popen, str]:
+                 env: dict | None = None, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     args = [*CLI, "serve", "--model", model, "--port", str(port), "--max-queue", "4096", "--log-level", "warning",
             "--max-batch", str(max_batch), "--request-timeout", "3600"]
     if buckets:
         args += ["--buckets", buckets]
+    args += extra or []
     if not batching:
         args.append("--no-batching")
     if backend:
@@ -141,10 +142,14 @@ def start_server(model: str, batching: bool, max_batch: int, backend: str | None
     raise SystemExit("server did not become ready")
 
 
-async def closed_loop(url: str, concurrency: int, total: int, size: int, seed: int, fmt: str = "png") -> dict:
+async def closed_loop(url: str, concurrency: int, total: int, size: int, seed: int, fmt: str = "png",
+                      steps: int | str | None = None) -> dict:
+    """`steps` None: uniform in 1-4 per request (fixed RNG seed); else every request asks for it (1-4 or "auto",
+    then the chosen counts are read back from the JSON answers)."""
     rng = random.Random(seed)
-    plan = [rng.randint(1, 4) for _ in range(total)]
+    plan = [rng.randint(1, 4) if steps is None else steps for _ in range(total)]
     latencies: list[float] = []
+    chosen: list[int] = []
     next_index = 0
 
     async def client(http: httpx.AsyncClient) -> None:
@@ -158,6 +163,7 @@ async def closed_loop(url: str, concurrency: int, total: int, size: int, seed: i
             r = await http.post(url + "/generate", json=body, headers={"Accept": f"image/{fmt}"})
             r.raise_for_status()
             latencies.append(time.perf_counter() - t0)
+            chosen.append(int(r.headers.get("x-steps", 0)))
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=3600, limits=limits) as http:
@@ -169,7 +175,39 @@ async def closed_loop(url: str, concurrency: int, total: int, size: int, seed: i
         "images_per_s": total / wall,
         "p50_ms": statistics.median(latencies) * 1000,
         "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000,
+        "mean_steps": statistics.fmean(chosen) if chosen else None,
     }
+
+
+def auto_comparison(model: str, args, levels: list[int]) -> str:
+    """One engine server with --latency-target-ms; at each concurrency, closed loops of "auto", fixed-4 and
+    fixed-1 requests: p50 / p99 latency and the mean steps the server chose."""
+    rows = []
+    proc, url = start_server(model, True, args.max_batch, args.backend, args.buckets,
+                             extra=["--latency-target-ms", str(args.auto)])
+    try:
+        for c in levels:
+            n = args.requests or max(32, args.per_client * c)
+            for steps in ("auto", 4, 1):
+                r = asyncio.run(closed_loop(url, c, n, args.size, seed=c, fmt=args.format, steps=steps))
+                rows.append((c, steps, r))
+                print(f"auto-compare c={c:3d} steps={steps!s:4s} {r['images_per_s']:7.2f} img/s  p50 "
+                      f"{r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms  mean steps {r['mean_steps']:.2f}", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    lines = [(f"### Steps chosen by load: latency target {args.auto:g} ms ({Path(model).name}, {args.size}x{args.size}, "
+             f"{args.backend or 'torch'} backend)"), "",
+             f"- Machine: {machine_line()}; date {datetime.now(UTC):%Y-%m-%d}",
+             f"- Command: `python bench/server_load.py {' '.join(sys.argv[1:])}`",
+             (f"- One engine server with `--latency-target-ms {args.auto:g}`, max batch {args.max_batch}; closed "
+             "loops where every request asks for the same steps"), "",
+             "| concurrency | steps asked | img/s | p50 ms | p99 ms | p99 / target | mean steps |",
+             "|---|---|---|---|---|---|---|"]
+    for c, steps, r in rows:
+        lines.append(f"| {c} | {steps} | {r['images_per_s']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                     f"{r['p99_ms'] / args.auto:.2f} | {r['mean_steps']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -188,6 +226,9 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--backend", default="torch", help="torch (default) or onnxruntime")
     ap.add_argument("--buckets", default=None, help="the server's --buckets (default: its own)")
+    ap.add_argument("--auto", type=float, default=None, metavar="TARGET_MS",
+                    help='instead of the modes: "steps": "auto" against fixed 4 and fixed 1 steps on one server with '
+                         "this latency target")
     ap.add_argument("--modes", default="step-level engine,one at a time",
                     help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--write", default=None, help="append the results to this markdown file (BENCHMARKS.md)")
@@ -212,6 +253,15 @@ def main() -> None:
 
         args.size = load_model(model).native_size
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.auto is not None:
+        table = auto_comparison(model, args, levels)
+        print("\n" + table)
+        if args.write:
+            with open(args.write, "a") as f:
+                f.write("\n" + table)
+        if tmp is not None:
+            tmp.cleanup()
+        return
     results: dict[str, dict[int, dict]] = {}
     modes = [m.strip() for m in args.modes.split(",")]
     if unknown := [m for m in modes if m not in MODES]:
