@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Everything issues 4 and 6 need from the lent GPU, in ONE device call (under 10 minutes), from the project root:
-#   1. install the wheels the GPU image lacks (prepared here by ../shared/device/wheels.sh, carried as .whl)
-#   2. the kernel tests compiled on the GPU (tests/test_kernels_*.py: kernels vs references, CUDA graphs)
-#   3. kernel micro-benchmarks at SDXL shapes (bench/kernels_micro.py)
-#   4. the pipeline benchmark (bench/gpu_pipeline.py): ours vs diffusers eager vs torch.compile
-#   5. the server load benchmark (bench/server_load.py) on SDXL with random fp16 weights: real uvicorn servers,
-#      step-level engine vs one at a time (issue 4's GPU target)
-# Everything lands in $OUT; append $OUT/BENCHMARKS.section.md and $OUT/server_load.md to BENCHMARKS.md
-# afterwards (the device's copy of the tree does not come back). Each step has its own time limit, so a slow
-# one cannot eat the rest. TINY=1 runs every step at toy sizes on the CPU, to check the script before the GPU.
+# Everything the GPU issues need from a lent GPU, in ONE device call (under 10 minutes), from the project root.
+# Each step has its own time limit, so a slow one cannot eat the rest; the most important run first:
+#   1. install the wheels the GPU image lacks (../shared/device/wheels.sh, carried as .whl)
+#   2. the CUDA-only tests: the engine on CUDA (decode stream, device latents, fused step), decoder options
+#   3. the pipeline benchmark (bench/gpu_pipeline.py): ours full / fast decoder, host round trip, text-encoder
+#      graphs off, vs diffusers eager (and torch.compile if the budget allows) -- issue 16's targets
+#   4. the server load benchmark (bench/server_load.py), SDXL with random fp16 weights: step-level engine vs one
+#      at a time at 1024^2 and 512^2, CUDA graphs on, and the engine without decode overlap at 512^2
+#   5. the VAE decoder, option by option (bench/vae_decoder.py)
+#   6. stage-3 training iterations of SDXL (bench/train_sdxl.py): s/iteration, images/s, peak memory, largest batch
+# Everything lands in $OUT; append the .md files to BENCHMARKS.md afterwards (the device's tree does not come
+# back). TINY=1 runs every step at toy sizes on the CPU, to check the script before spending GPU time.
 set -uo pipefail
 OUT=${OUT:-/tmp/nitro-out}
 mkdir -p "$OUT"
@@ -19,38 +21,60 @@ if [ -z "${SKIP_WHEELS:-}" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; th
 else
   export PYTHONPATH=$PWD
 fi
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TRITON_CACHE_DIR=/tmp/triton-cache
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TRITON_CACHE_DIR=/tmp/triton-cache
+export NITRO_CACHE_DIR=/tmp/nitro-cache
 T0=$(date +%s)
 stamp() { echo "== $1 ($(( $(date +%s) - T0 )) s)"; }
+quiet() { grep -v -e '^\[transformers\]' -e 'should be kept in float32' -e 'FutureWarning' "$@"; }
 
 if [ -n "${TINY:-}" ]; then
-  PIPE_ARGS="--tiny --markdown $OUT/BENCHMARKS.section.md"; SERVER_ARGS="--random-sdxl tiny --concurrency 1,4 --requests 8"
+  TESTS_LIMIT=300 PIPE="--tiny"; SERVER="--concurrency 2 --requests 4 --warmup-requests 2"; RANDOM_SDXL=tiny
+  SIZE_A=32; SIZE_B=16; VAE="--tiny"; TRAIN="--tiny"
 else
-  PIPE_ARGS="--budget-s ${PIPE_BUDGET:-165} --runs 3 --markdown $OUT/BENCHMARKS.section.md"
-  SERVER_ARGS="--random-sdxl full --size ${SERVER_SIZE:-1024} --max-batch 8 --per-client 1"
+  TESTS_LIMIT=${TESTS_LIMIT:-75}
+  PIPE="--budget-s ${PIPE_BUDGET:-125} --runs 5 --sizes 1024,512 --steps 1,4 --batches 1,8"
+  SERVER="--concurrency 16 --per-client 3 --max-batch 8 --buckets 1,2,4,8 --warmup-requests 16"; RANDOM_SDXL=full
+  SIZE_A=1024; SIZE_B=512; VAE="--budget-s ${VAE_BUDGET:-95}"; TRAIN="--budget-s ${TRAIN_BUDGET:-100}"
 fi
 
 stamp "gpu and versions"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
 
-stamp "kernel tests on the GPU"
-timeout 100 python3 -m pytest -q -p no:cacheprovider -ra tests/test_kernels_groupnorm.py \
-  tests/test_kernels_sampler_step.py tests/test_kernels_patch.py tests/test_kernels_cuda_graphs.py \
-  > "$OUT/kernel_tests.txt" 2>&1
-echo "pytest exit $?"; tail -25 "$OUT/kernel_tests.txt"
-
-stamp "kernel micro-benchmarks"
-timeout 40 python3 bench/kernels_micro.py --out "$OUT/kernels_micro.md" > "$OUT/kernels_micro.log" 2>&1
-echo "micro exit $?"; tail -30 "$OUT/kernels_micro.log"
+stamp "CUDA-only tests"
+timeout "$TESTS_LIMIT" python3 -m pytest -q -p no:cacheprovider -ra tests/test_engine_cuda.py \
+  tests/test_kernels_vae_fast.py > "$OUT/gpu_tests.txt" 2>&1
+echo "pytest exit $?"; tail -n 12 "$OUT/gpu_tests.txt"
 
 stamp "pipeline benchmark"
-timeout ${PIPE_TIMEOUT:-220} python3 bench/gpu_pipeline.py $PIPE_ARGS \
-  --json "$OUT/gpu_pipeline.json" > "$OUT/gpu_pipeline.log" 2>&1
-echo "pipeline exit $?"; grep -v '^\[transformers\]' "$OUT/gpu_pipeline.log" | tail -45
+timeout ${PIPE_TIMEOUT:-190} python3 bench/gpu_pipeline.py $PIPE --systems ours,ours-fast,diffusers,ours-host,ours-notext,diffusers-compile \
+  --compile-cases 1024:1:1 --markdown "$OUT/pipeline.md" --json "$OUT/pipeline.json" > "$OUT/pipeline.log" 2>&1
+echo "pipeline exit $?"; quiet "$OUT/pipeline.log" | grep -v "^\[" | tail -n 40
 
-stamp "server load benchmark"
-timeout ${SERVER_TIMEOUT:-190} python3 bench/server_load.py $SERVER_ARGS --format jpeg --write "$OUT/server_load.md" \
-  > "$OUT/server_load.log" 2>&1
-echo "server exit $?"; grep -v '^\[transformers\]' "$OUT/server_load.log" | tail -20
+stamp "random-weight SDXL folder for the servers (saved once)"
+MODEL=/tmp/nitro-sdxl-$RANDOM_SDXL
+timeout 120 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); from server_load import save_random_sdxl; save_random_sdxl(Path('$MODEL'), '$RANDOM_SDXL')" \
+  > "$OUT/model.log" 2>&1 || { echo "saving the model failed"; tail -n 5 "$OUT/model.log"; }
+SERVER="$SERVER --model $MODEL"
+
+stamp "server load ${SIZE_A}^2: engine vs one at a time"
+timeout ${SERVER_TIMEOUT_A:-120} python3 bench/server_load.py $SERVER --size $SIZE_A --format jpeg \
+  --modes "step-level engine,one at a time" --write "$OUT/server.md" > "$OUT/server_a.log" 2>&1
+echo "server exit $?"; quiet "$OUT/server_a.log" | tail -n 6
+
+stamp "server load ${SIZE_B}^2: engine, one at a time, engine without decode overlap"
+timeout ${SERVER_TIMEOUT_B:-140} python3 bench/server_load.py $SERVER --size $SIZE_B --format jpeg \
+  --warmup-sizes ${SIZE_B}x${SIZE_B} --modes "step-level engine,one at a time,engine, no overlap" \
+  --write "$OUT/server.md" > "$OUT/server_b.log" 2>&1
+echo "server exit $?"; quiet "$OUT/server_b.log" | tail -n 8
+
+stamp "VAE decoder options"
+timeout ${VAE_TIMEOUT:-130} python3 bench/vae_decoder.py $VAE --json "$OUT/vae.json" --markdown "$OUT/vae.md" \
+  > "$OUT/vae.log" 2>&1
+echo "vae exit $?"; quiet "$OUT/vae.log" | tail -n 26
+
+stamp "SDXL stage-3 training iterations"
+timeout ${TRAIN_TIMEOUT:-150} python3 bench/train_sdxl.py $TRAIN --json "$OUT/train.json" --markdown "$OUT/train.md" \
+  > "$OUT/train.log" 2>&1
+echo "train exit $?"; quiet "$OUT/train.log" | tail -n 16
 stamp "done"

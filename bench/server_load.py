@@ -226,6 +226,9 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--backend", default="torch", help="torch (default) or onnxruntime")
     ap.add_argument("--buckets", default=None, help="the server's --buckets (default: its own)")
+    ap.add_argument("--warmup-sizes", default=None, help="the server's --warmup-sizes (default: its native size)")
+    ap.add_argument("--warmup-requests", type=int, default=0,
+                    help="untimed requests per server before measuring (the server warms up its native size only)")
     ap.add_argument("--auto", type=float, default=None, metavar="TARGET_MS",
                     help='instead of the modes: "steps": "auto" against fixed 4 and fixed 1 steps on one server with '
                          "this latency target")
@@ -268,8 +271,11 @@ def main() -> None:
         raise SystemExit(f"unknown mode(s) {unknown}: use {', '.join(MODES)}")
     for mode in modes:
         batching, env = MODES[mode]
-        proc, url = start_server(model, batching, args.max_batch, args.backend, args.buckets, env)
+        warm = ["--warmup-sizes", args.warmup_sizes] if args.warmup_sizes else []
+        proc, url = start_server(model, batching, args.max_batch, args.backend, args.buckets, env, warm)
         try:
+            if args.warmup_requests:  # untimed: first-use costs at this size (graph captures off the native size)
+                asyncio.run(closed_loop(url, max(levels), args.warmup_requests, args.size, seed=0, fmt=args.format))
             results[mode] = {}
             for c in levels:
                 n = args.requests or max(32, args.per_client * c)

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, default=None, help="seconds before 504, default 120")
     serve.add_argument("--batch-wait-ms", type=float, default=None,
                        help="how long an idle engine waits to fill a batch, default 0")
+    serve.add_argument("--warmup-sizes", default=None,
+                       help="WIDTHxHEIGHT list whose CUDA graphs are captured before ready (default: native size)")
     serve.add_argument("--latency-target-ms", type=float, default=None,
                        help='what "steps": "auto" requests aim for, admission to image (default: off, auto = max '
                             "steps)")

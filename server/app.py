@@ -52,7 +52,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings, clock: Callable[[], flo
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if settings.warmup:
-            await _warm_up(pipe)  # before the engine thread: nobody else touches the model
+            await _warm_up(pipe, settings.warmup_sizes)  # before the engine thread: nobody else touches the model
         engine.start()
         app.state.ready = True
         log.info("ready: %s (%s, shift %d) on %s", pipe.model.name, pipe.model.family, pipe.shift,
@@ -93,10 +93,10 @@ def create_app(pipe: Pipeline, settings: ServerSettings, clock: Callable[[], flo
     return app
 
 
-async def _warm_up(pipe: Pipeline) -> None:
-    """First-call costs are paid before /readyz turns ready: one 1-step image at the native size, or, with
-    CUDA graphs on, a capture for every batch bucket the engine pads to (Pipeline.warm_up)."""
-    await asyncio.to_thread(pipe.warm_up)
+async def _warm_up(pipe: Pipeline, sizes: tuple[tuple[int, int], ...] = ()) -> None:
+    """First-call costs are paid before /readyz turns ready: one 1-step image at the native size (or each of
+    `sizes`), or, with CUDA graphs on, a capture for every batch bucket the engine pads to (Pipeline.warm_up)."""
+    await asyncio.to_thread(pipe.warm_up, list(sizes) or None)
 
 
 class DrainingServer(uvicorn.Server):

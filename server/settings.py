@@ -55,6 +55,9 @@ class ServerSettings(BaseSettings):
     max_header_bytes: int = Field(16 << 10, ge=1024, description="request line + headers; more is 431 (or 400)")
     drain_timeout: float = Field(60.0, ge=0, description="seconds SIGTERM waits for in-flight work")
     warmup: bool = True
+    # image sizes whose first-use costs (CUDA-graph captures per bucket) are paid before /readyz turns ready,
+    # "WIDTHxHEIGHT,..." (default: the model's native size); other sizes capture on their first request
+    warmup_sizes: Annotated[tuple[tuple[int, int], ...], NoDecode] = ()
     cache_dir: str | None = None
 
     @field_validator("buckets", mode="before")
@@ -62,6 +65,20 @@ class ServerSettings(BaseSettings):
     def _parse_buckets(cls, v: object) -> object:
         v = _split(v)
         return tuple(int(b) for b in v) if isinstance(v, list) else v
+
+    @field_validator("warmup_sizes", mode="before")
+    @classmethod
+    def _parse_sizes(cls, v: object) -> object:
+        v = _split(v)
+        if not isinstance(v, list):
+            return v
+        sizes = []
+        for part in v:
+            w, _, h = str(part).partition("x")
+            if not (w.isdigit() and h.isdigit()):
+                raise ValueError(f"{part!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")
+            sizes.append((int(w), int(h)))
+        return tuple(sizes)
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
