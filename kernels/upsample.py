@@ -70,7 +70,11 @@ class SubpixelUpsample2D(nn.Module):
         super().__init__()
         self.original = [original]  # a list: not registered, so state_dict() keeps only the derived buffers
         conv = original.conv
-        self.register_buffer("kernels", phase_kernels(conv.weight.detach()), persistent=False)
+        w = conv.weight.detach()
+        kernels = phase_kernels(w)
+        if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+            kernels = kernels.contiguous(memory_format=torch.channels_last)  # as cuDNN gets the other weights
+        self.register_buffer("kernels", kernels, persistent=False)
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone(), persistent=False)
         self.channels, self.out_channels = original.channels, original.out_channels
 
