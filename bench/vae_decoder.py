@@ -154,10 +154,8 @@ def run_case(case: Case, models, shapes, args, cuda: bool, refs: dict, left_s) -
         return [{"case": case.name, "size": s, "batch": b, "spec": case.spec, "skipped": {},
                  "skip": f"failed to prepare: {type(e).__name__}: {e}"[:200]} for s, b in shapes]
     skipped = dict(prep.skipped)
-    if case.kernels and not cuda:
-        skipped["kernels"] = "GPU code (CPU run)"
-    if case.graph and not cuda:
-        skipped["graph"] = "CUDA only (CPU run)"
+    skipped.update({k: "GPU only (CPU run)" for k, on in (("kernels", case.kernels), ("graph", case.graph))
+                    if on and not cuda})
     post = postprocess(cuda and "kernels" not in skipped, case)
     def fn(z):  # what a graph holds; with the fp16 guard also the finite flags, checked on the host by finish()
         if not prep.guarded:
@@ -231,6 +229,8 @@ def run_case(case: Case, models, shapes, args, cuda: bool, refs: dict, left_s) -
     if opts.compile and args.cache_check and not args.cache_checked and any("ms" in r for r in rows):
         args.cache_checked = recompile_time(case, models, args, next(r for r in rows if "ms" in r))
     prep.undo()
+    if graphs is not None:
+        graphs.graphs.clear()  # free this case's graphs (and their pool) before the next case's peak memory
     torch._dynamo.reset()
     if cuda:
         torch.cuda.empty_cache()
