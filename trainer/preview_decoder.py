@@ -153,6 +153,8 @@ def write_preview(model_dir: Path, cfg: TrainConfig, log=print) -> Path:
               "metrics": metrics, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.machine()}
     (out / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    for f in out.iterdir():  # safetensors writes 0600; the serving images read models as another user (uid 10001)
+        f.chmod(0o644)
     q = metrics["quality"]["heldout"]
     log(f"[preview] wrote {out} in {metrics['wall_s']} s: held-out mean |diff| {q['mean_abs']} levels, "
         f"PSNR {q['psnr_db']} dB vs the full decoder")
@@ -177,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="a diffusers folder with vae/ (vae_preview/ is written into it)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set preview.optim.steps=300 (repeatable)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is faster on a "
+                   "busy machine); recorded with the measurements, not in the model's config")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = Path(args.model)
     saved = model / "train_config.json"
     try:
