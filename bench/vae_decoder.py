@@ -1,19 +1,18 @@
 """VAE decoder speed, option by option (GPU issue 16): one script, one card, one process.
 
-SDXL's VAE decoder (public config, random weights: bench/gpu_pipeline.py SDXL_VAE; nothing downloaded) in
-bf16 at 1024^2 and 512^2, batch 1 and 8, decoder + uint8 postprocess on the device (no host copy). Each case
-(CASES below) is a fresh copy of the same weights with kernels/vae_fast.py options applied: `eager` is today's
-path without kernels, `kernels+graph` TODAY'S DEFAULT (fused GroupNorm+SiLU and postprocess, a CUDA graph per
-shape) and the reference output; the others add channels_last, cudnn_benchmark, subpixel (upsample+conv as
-one 2x2 conv), fp16 with the overflow guard, torch.compile modes inside or instead of our graphs; `tiny...` is
-AutoencoderTiny (TAESD / TAESDXL layout) fed the UNet-space latents, as preview() and a "fast" decoder do.
+SDXL's VAE decoder (public config, random weights: bench/gpu_pipeline.py SDXL_VAE) in bf16 at 1024^2 and 512^2,
+batch 1 and 8, decoder + uint8 postprocess on the device. Each case (CASES) is a fresh copy of the same weights
+with kernels/vae_fast.py options: `eager` is today's path without kernels, `kernels+graph` TODAY'S DEFAULT (fused
+GroupNorm+SiLU and postprocess, a CUDA graph per shape) and the reference output; the others add channels_last,
+cudnn_benchmark, subpixel (upsample+conv as one 2x2 conv), fp16 with the overflow guard, torch.compile modes
+inside or instead of our graphs; `tiny...` is AutoencoderTiny (TAESD / TAESDXL layout) on UNet-space latents.
 
-Per case and shape: median ms of timed calls after warm-up (CUDA events), the first call's time (compile,
-cuDNN benchmark, graph capture), peak memory, and against the reference on the same fixed-seed input (N(0, 1)
-UNet-space latents divided by the scaling factor, as the backend does) the max |difference| in uint8 levels
-and the share of pixels that differ. Random weights can saturate pixels: the reference's share of 0/255 is
-reported. torch.compile starts from an empty inductor cache (cold compile times) unless --inductor-cache is
-given; the first compile case is compiled again from that cache, to show what a restart costs.
+Per case and shape: median ms of timed calls after warm-up (CUDA events), the first call's time (compile, cuDNN
+benchmark, graph capture), peak memory, and against the reference on the same fixed-seed input (N(0, 1)
+UNet-space latents / scaling factor, as the backend does) the max |difference| in uint8 levels and the share of
+pixels that differ; the reference's share of saturated (0/255) values too, as random weights can saturate.
+torch.compile starts from an empty inductor cache unless --inductor-cache is given; the first compile case is
+compiled again from that cache, to show what a restart costs.
 
     python bench/vae_decoder.py --budget-s 150 --json OUT/vae.json --markdown OUT/vae.md   # on the GPU
     python bench/vae_decoder.py --tiny                                                 # CPU smoke run, < 1 min
@@ -40,6 +39,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from gpu_pipeline import SDXL_VAE  # noqa: E402  (the public SDXL VAE config)
+from vae_report import markdown, versions  # noqa: E402
 
 from kernels.vae_fast import DecoderOptions, prepare_decoder  # noqa: E402
 
@@ -227,7 +227,11 @@ def run_case(case: Case, models, shapes, args, cuda: bool, refs: dict, left_s) -
         log(f"{case.name:40s} {size}^2 b{batch}: {row['ms']:.2f} ms (first call {row['first_call_s']} s)"
             + (f" max diff {row['max_diff']}, {100 * row['px_differ']:.3f}% px" if "max_diff" in row else ""))
     if opts.compile and args.cache_check and not args.cache_checked and any("ms" in r for r in rows):
-        args.cache_checked = recompile_time(case, models, args, next(r for r in rows if "ms" in r))
+        try:  # a cache hit takes seconds; a miss would be a second cold compile: cut at the budget too
+            with deadline(max(5.0, left_s())):
+                args.cache_checked = recompile_time(case, models, args, next(r for r in rows if "ms" in r))
+        except Deadline as e:
+            next(r for r in rows if "ms" in r)["skip"] = f"recompile from cache cut at the budget ({e})"
     prep.undo()
     if graphs is not None:
         graphs.graphs.clear()  # free this case's graphs (and their pool) before the next case's peak memory
@@ -342,57 +346,6 @@ def main(argv=None) -> int:
             with open(args.markdown, "a") as f:
                 f.write("\n" + table)
     return 0
-
-
-def versions() -> dict:
-    import diffusers
-
-    triton = sys.modules.get("triton")  # kernels/ imported it where it is installed
-    return {"torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-            "triton": getattr(triton, "__version__", None), "python": platform.python_version()}
-
-
-def markdown(meta: dict, results: list[dict], shapes) -> str:
-    """One row per case: ms per shape, worst difference from today's default over the shapes, compile time."""
-    v = meta["versions"]
-    head = [f"{s}^2 b{b} ms" for s, b in shapes]
-    tiny = " (tiny CPU smoke run)" if meta["tiny"] else ""
-    partial = "" if meta["complete"] else " (PARTIAL: stopped early)"
-    lines = [f"### VAE decoder options: {meta['card']}, {meta['date']}{tiny}{partial}", "",
-             (f"`{meta['command']}` - torch {v['torch']} (CUDA {v['cuda']}), diffusers {v['diffusers']}, triton "
-             f"{v['triton']}; {'tiny' if meta['tiny'] else 'SDXL'} VAE decoder, random weights, {meta['dtype']}; "
-             "decoder + uint8 postprocess on the device, median of timed calls after warm-up (CUDA events). "
-             "Difference: against the reference row (the first case that ran: today's default `kernels+graph` on "
-             "a GPU, plain fp32 on the CPU) on the same fixed-seed latents, max over the shapes. "
-              f"Whole run {meta['elapsed_s']} s (budget {meta['budget_s']:.0f} s)."), "",
-             "| case | " + " | ".join(head) + " | max diff (uint8) | px differ | first call s | peak GiB | note |",
-             "|---|" + "---|" * (len(head) + 5)]
-    by_case: dict[str, list[dict]] = {}
-    for r in results:
-        by_case.setdefault(r["case"], []).append(r)
-    for name, rows in by_case.items():
-        ms = {(r["size"], r["batch"]): r for r in rows}
-        cells = [f"{ms[s].get('ms', 0):.2f}" if "ms" in ms.get(s, {}) else "-" for s in shapes]
-        done = [r for r in rows if "ms" in r]
-        diffs = [r["max_diff"] for r in done if "max_diff" in r]
-        pxs = [r["px_differ"] for r in done if "px_differ" in r]
-        notes = sorted({r["skip"] for r in rows if "skip" in r})
-        notes += sorted({f"GRAPH CAPTURE FAILED, ran eagerly: {r['graph_failed']}" for r in rows if "graph_failed" in r})
-        if any("saturated" in r for r in done):
-            notes.append("reference; saturated " + ", ".join(f"{100 * r['saturated']:.1f}%" for r in done
-                                                               if "saturated" in r))
-        if done and done[0].get("diff"):
-            notes.append(done[0]["diff"])
-        notes += [f"recompile from cache {r['recompile_from_cache_s']} s" for r in rows if "recompile_from_cache_s" in r]
-        notes += [f"fp16 fallback rows {r['fp16_fallback_rows']}" for r in done[-1:] if "fp16_fallback_rows" in r]
-        if rows[0]["skipped"]:
-            notes.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in rows[0]["skipped"].items()))
-        first = max((r["first_call_s"] for r in done), default=None)
-        peak = max((r["peak_gib"] for r in done if r.get("peak_gib") is not None), default=None)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {max(diffs) if diffs else '-'} | "
-                     f"{f'{100 * max(pxs):.3f}%' if pxs else '-'} | {first if first is not None else '-'} | "
-                     f"{f'{peak:.2f}' if peak is not None else '-'} | {'; '.join(notes)} |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
