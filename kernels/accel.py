@@ -6,6 +6,9 @@ Switches (constructor arguments of TorchBackend win over the environment):
                the default off. True on the CPU works only under TRITON_INTERPRET=1 (tests).
 - cuda_graphs: None -> on when the backend runs on CUDA; NITROFUSION_CUDA_GRAPHS=0 turns the default off. Measured
                on an H100 (BENCHMARKS.md): SDXL 1024^2 one request at a time serves 2.8x more images with them.
+- vae_mode:    decoder-speed options (kernels/vae_fast.py: channels_last, cudnn_benchmark, subpixel, compile[=MODE],
+               fp16), as text or DecoderOptions; None -> $NITRO_VAE, else vae_fast.DEFAULT_VAE_MODE (today's
+               path). The fused kernels in the decoder follow `kernels`.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch
 
 from ._common import available, interpreting
 from .cuda_graphs import CudaGraphCapturer, GraphCache
-from .patch import PatchHandle, patch_unet, patch_vae_decoder
+from .patch import PatchHandle, patch_unet
 from .postprocess import to_uint8 as fused_to_uint8
+from .vae_fast import PreparedDecoder, options_from_env, prepare_decoder
 
 VAE_MAX_GRAPH_BATCH = 8  # bigger decode batches run eagerly (a b16 1024^2 decoder graph is tens of GB)
 
@@ -62,17 +66,18 @@ class Accelerator:
     unet_graphs: GraphCache | None = None
     vae_graphs: GraphCache | None = None
     text_graphs: list[GraphCache] | None = None  # one per text encoder
+    vae_decoder: PreparedDecoder | None = None  # None: vae.decode as diffusers runs it
     _unet: Any = None
     _vae: Any = None
     _text_fns: list = field(default_factory=list)
 
     @property
     def active(self) -> bool:
-        return self.kernels or self.cuda_graphs
+        return self.kernels or self.cuda_graphs or self.vae_decoder is not None
 
     @classmethod
     def for_backend(cls, backend: Any, buckets: tuple[int, ...], kernels: bool | None = None,
-                    cuda_graphs: bool | None = None) -> Accelerator:
+                    cuda_graphs: bool | None = None, vae_mode: Any = None) -> Accelerator:
         """`buckets`: the engine's batch buckets (passed down from the settings), one graph per bucket."""
         acc = cls(resolve_kernels(kernels, backend.device), resolve_cuda_graphs(cuda_graphs, backend.device),
                   tuple(buckets))
@@ -82,7 +87,11 @@ class Accelerator:
         acc._text_fns = [backend.text_encoder_call(i) for i in range(len(model.text_encoders))]
         if acc.kernels:
             acc.handles.append(patch_unet(model.unet))
-            acc.handles.append(patch_vae_decoder(model.vae))
+        vae_opts = options_from_env(vae_mode, kernels=acc.kernels)
+        if acc.kernels or acc.cuda_graphs or vae_opts.spec():
+            acc.vae_decoder = prepare_decoder(model.vae, vae_opts, graphs=acc.cuda_graphs)
+            if acc.vae_decoder.handle is not None:
+                acc.handles.append(acc.vae_decoder.handle)
         if acc.cuda_graphs:
             # The decoder's graphs get their own memory pool: the engine replays them on a decode stream while
             # the next UNet step replays on the main one, and two graphs running at once must not share a pool.
@@ -130,23 +139,35 @@ class Accelerator:
             return out if isinstance(out, tuple) else (out,)
         return tuple(self._text_fns[index](ids))
 
-    def _decode_eager(self, z: torch.Tensor) -> torch.Tensor:
-        """Decoder + postprocess: (B, 4, h, w) scaled-back latents -> (B, H, W, 3) uint8 on the device."""
-        image = self._vae.decode(z, return_dict=False)[0]
+    def _post(self, image: torch.Tensor) -> torch.Tensor:
         return fused_to_uint8(image) if self.kernels else _to_uint8_torch(image)
+
+    def _decode_eager(self, z: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Decoder + postprocess: (B, 4, h, w) scaled-back latents -> (B, H, W, 3) uint8 on the device; with the
+        fp16 guard also the (B,) all-finite flags (checked on the host by decode(), outside any graph)."""
+        dec = self.vae_decoder
+        if dec is None:
+            return self._post(self._vae.decode(z, return_dict=False)[0])
+        if dec.guarded:
+            image, ok = dec.decode_flagged(z)
+            return self._post(image), ok
+        return self._post(dec(z))
 
     def decode_device(self, z: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 on the device, on the current stream (the backend's decode stream when overlapping)."""
-        return self.vae_graphs(z) if self.vae_graphs is not None else self._decode_eager(z)
+        out = self.vae_graphs(z) if self.vae_graphs is not None else self._decode_eager(z)
+        if self.vae_decoder is not None and self.vae_decoder.guarded:
+            out = self.vae_decoder.repair(z, *out, post=self._post)
+        return out
 
     def decode(self, z: torch.Tensor) -> np.ndarray:
         return self.decode_device(z).cpu().numpy()
 
     def to_uint8_device(self, image: torch.Tensor) -> torch.Tensor:
-        return fused_to_uint8(image) if self.kernels else _to_uint8_torch(image)
+        return self._post(image)
 
     def to_uint8(self, image: torch.Tensor) -> np.ndarray:
-        return self.to_uint8_device(image).cpu().numpy()
+        return self._post(image).cpu().numpy()
 
     def warm_up(self, run, sizes: list[tuple[int, int]], buckets: tuple[int, ...] | None = None) -> int:
         """Capture the graphs (and compile the Triton kernels) for every (width, height) x bucket before
@@ -161,6 +182,9 @@ class Accelerator:
         return runs
 
     def undo(self) -> None:
+        if self.vae_decoder is not None:
+            self.vae_decoder.undo()
+            self.vae_decoder = None
         for h in reversed(self.handles):
             h.undo()
         self.handles.clear()

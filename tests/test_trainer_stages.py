@@ -57,7 +57,7 @@ def test_every_stage_leaves_checkpoint_config_and_metrics(tiny_run):
     assert len(list((work / "cache").glob("chunk_*.pt"))) == 2  # 4 pairs in chunks of 2
     assert (work / "autoencoder" / "vae" / "config.json").is_file()
     assert (work / "text" / "tokenizer").is_dir() and (work / "text" / "text_encoder").is_dir()
-    assert set(STAGES) == {"autoencoder", "text", "teacher", "cache", "init", "nitro", "export"}
+    assert set(STAGES) == {"autoencoder", "text", "teacher", "cache", "init", "nitro", "export", "preview"}
 
 
 def test_exported_student_is_a_diffusers_folder_with_the_shift(tiny_run):
@@ -69,6 +69,7 @@ def test_exported_student_is_a_diffusers_folder_with_the_shift(tiny_run):
     sched = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
     assert sched["shifted_timestep"] == cfg.nitro.shift and sched["beta_schedule"] == "scaled_linear"
     assert (model / "train_config.json").is_file()
+    assert (model / "vae_preview" / "distill_config.json").is_file(), "the preview stage's tiny decoder"
 
 
 def test_student_loads_through_load_pipeline_and_generates_1_to_4_steps(tiny_run):

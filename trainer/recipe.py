@@ -3,7 +3,8 @@
 Work folder layout (`--work`, default outputs/<recipe>):
   autoencoder/vae  text/{tokenizer,text_encoder}  teacher/unet  cache/chunk_*.pt  init/unet  nitro/unet
 each stage folder also holds checkpoint/ (while running), metrics.csv, train_config.json and DONE.
-The exported student goes to `--out` (default models/default for the shapes recipe).
+The exported student goes to `--out` (default models/default for the shapes recipe); the last stage, preview,
+distils a tiny decoder into `<out>/vae_preview/` (trainer/preview_decoder.py, on the CPU, minutes).
 """
 
 from __future__ import annotations
@@ -62,5 +63,11 @@ def run(cfg: TrainConfig, work: Path, out: Path, stages: list[str] | None = None
             if acc.is_main_process:
                 exported = export_student(cfg, out, nitro_unet, fz)
                 print(f"[export] wrote {exported}", flush=True)
+            acc.wait_for_everyone()
+        elif name == "preview":
+            if acc.is_main_process:
+                from .preview_decoder import run_stage
+
+                run_stage(cfg, d[name], out, log=lambda m: print(m, flush=True))
             acc.wait_for_everyone()
     return exported
