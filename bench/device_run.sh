@@ -11,6 +11,7 @@
 #   6. stage-3 training iterations of SDXL (bench/train_sdxl.py): s/iteration, images/s, peak memory, largest batch
 # Everything lands in $OUT; append the .md files to BENCHMARKS.md afterwards (the device's tree does not come
 # back). TINY=1 runs every step at toy sizes on the CPU, to check the script before spending GPU time.
+# PART=1 runs steps 2-4, PART=2 steps 5-6 (two calls on a warm machine when one would pass 10 minutes).
 set -uo pipefail
 OUT=${OUT:-/tmp/nitro-out}
 mkdir -p "$OUT"
@@ -24,6 +25,8 @@ fi
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TRITON_CACHE_DIR=/tmp/triton-cache
 export NITRO_CACHE_DIR=/tmp/nitro-cache
 T0=$(date +%s)
+PART=${PART:-all}
+part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 stamp() { echo "== $1 ($(( $(date +%s) - T0 )) s)"; }
 quiet() { grep -v -e '^\[transformers\]' -e 'should be kept in float32' -e 'FutureWarning' "$@"; }
 
@@ -31,50 +34,56 @@ if [ -n "${TINY:-}" ]; then
   TESTS_LIMIT=300 PIPE="--tiny"; SERVER="--concurrency 2 --requests 4 --warmup-requests 2"; RANDOM_SDXL=tiny
   SIZE_A=32; SIZE_B=16; VAE="--tiny"; TRAIN="--tiny"
 else
-  TESTS_LIMIT=${TESTS_LIMIT:-75}
-  PIPE="--budget-s ${PIPE_BUDGET:-125} --runs 5 --sizes 1024,512 --steps 1,4 --batches 1,8"
+  TESTS_LIMIT=${TESTS_LIMIT:-55}
+  PIPE="--budget-s ${PIPE_BUDGET:-100} --runs 5 --sizes 1024,512 --steps 1,4 --batches 1,8"
   SERVER="--concurrency 16 --per-client 3 --max-batch 8 --buckets 1,2,4,8 --warmup-requests 16"; RANDOM_SDXL=full
-  SIZE_A=1024; SIZE_B=512; VAE="--budget-s ${VAE_BUDGET:-95}"; TRAIN="--budget-s ${TRAIN_BUDGET:-100}"
+  SIZE_A=1024; SIZE_B=512; VAE="--budget-s ${VAE_BUDGET:-65}"; TRAIN="--budget-s ${TRAIN_BUDGET:-75}"
 fi
 
 stamp "gpu and versions"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
 
+if part 1; then
 stamp "CUDA-only tests"
 timeout "$TESTS_LIMIT" python3 -m pytest -q -p no:cacheprovider -ra tests/test_engine_cuda.py \
   tests/test_kernels_vae_fast.py > "$OUT/gpu_tests.txt" 2>&1
 echo "pytest exit $?"; tail -n 12 "$OUT/gpu_tests.txt"
 
 stamp "pipeline benchmark"
-timeout ${PIPE_TIMEOUT:-190} python3 bench/gpu_pipeline.py $PIPE --systems ours,ours-fast,diffusers,ours-host,ours-notext,diffusers-compile \
+timeout ${PIPE_TIMEOUT:-140} python3 bench/gpu_pipeline.py $PIPE --systems ours,ours-fast,diffusers,ours-host,ours-notext,ours-vaeopt,diffusers-compile \
   --compile-cases 1024:1:1 --markdown "$OUT/pipeline.md" --json "$OUT/pipeline.json" > "$OUT/pipeline.log" 2>&1
 echo "pipeline exit $?"; quiet "$OUT/pipeline.log" | grep -v "^\[" | tail -n 40
 
 stamp "random-weight SDXL folder for the servers (saved once)"
 MODEL=/tmp/nitro-sdxl-$RANDOM_SDXL
-timeout 120 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); from server_load import save_random_sdxl; save_random_sdxl(Path('$MODEL'), '$RANDOM_SDXL')" \
+timeout 60 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); from server_load import save_random_sdxl; save_random_sdxl(Path('$MODEL'), '$RANDOM_SDXL')" \
   > "$OUT/model.log" 2>&1 || { echo "saving the model failed"; tail -n 5 "$OUT/model.log"; }
 SERVER="$SERVER --model $MODEL"
 
 stamp "server load ${SIZE_A}^2: engine vs one at a time"
-timeout ${SERVER_TIMEOUT_A:-120} python3 bench/server_load.py $SERVER --size $SIZE_A --format jpeg \
+timeout ${SERVER_TIMEOUT_A:-100} python3 bench/server_load.py $SERVER --size $SIZE_A --format jpeg \
   --modes "step-level engine,one at a time" --write "$OUT/server.md" > "$OUT/server_a.log" 2>&1
 echo "server exit $?"; quiet "$OUT/server_a.log" | tail -n 6
+pkill -f "cli.main serve" 2>/dev/null; pkill -f "nitrofusion serve" 2>/dev/null  # servers a timeout left behind
 
 stamp "server load ${SIZE_B}^2: engine, one at a time, engine without decode overlap"
-timeout ${SERVER_TIMEOUT_B:-140} python3 bench/server_load.py $SERVER --size $SIZE_B --format jpeg \
-  --warmup-sizes ${SIZE_B}x${SIZE_B} --modes "step-level engine,one at a time,engine, no overlap" \
+timeout ${SERVER_TIMEOUT_B:-115} python3 bench/server_load.py $SERVER --size $SIZE_B --format jpeg \
+  --warmup-sizes ${SIZE_B}x${SIZE_B} --modes "step-level engine,one at a time,engine without overlap" \
   --write "$OUT/server.md" > "$OUT/server_b.log" 2>&1
 echo "server exit $?"; quiet "$OUT/server_b.log" | tail -n 8
+pkill -f "cli.main serve" 2>/dev/null; pkill -f "nitrofusion serve" 2>/dev/null
+fi
 
+if part 2; then
 stamp "VAE decoder options"
-timeout ${VAE_TIMEOUT:-130} python3 bench/vae_decoder.py $VAE --json "$OUT/vae.json" --markdown "$OUT/vae.md" \
+timeout ${VAE_TIMEOUT:-95} python3 bench/vae_decoder.py $VAE --json "$OUT/vae.json" --markdown "$OUT/vae.md" \
   > "$OUT/vae.log" 2>&1
 echo "vae exit $?"; quiet "$OUT/vae.log" | tail -n 26
 
 stamp "SDXL stage-3 training iterations"
-timeout ${TRAIN_TIMEOUT:-150} python3 bench/train_sdxl.py $TRAIN --json "$OUT/train.json" --markdown "$OUT/train.md" \
+timeout ${TRAIN_TIMEOUT:-95} python3 bench/train_sdxl.py $TRAIN --json "$OUT/train.json" --markdown "$OUT/train.md" \
   > "$OUT/train.log" 2>&1
 echo "train exit $?"; quiet "$OUT/train.log" | tail -n 16
+fi
 stamp "done"

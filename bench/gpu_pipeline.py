@@ -9,6 +9,8 @@ steps 1 and 4, batch 1 / 4 / 8, in one process:
   ours-host       ours with each row's latents copied to the host and back around every step (a sync each
                   step): what keeping latents on the device saves
   ours-notext     ours with the text encoders run eagerly (their CUDA graphs off): what those graphs save
+  ours-vaeopt     ours with decoder options from $NITRO_VAE_CANDIDATE (kernels/vae_fast.py; default
+                  channels_last,cudnn_benchmark,subpixel): the end-to-end effect of a decoder-option candidate
   ours-eager      the same engine with kernels and graphs off (what the CPU path runs)
   diffusers       StableDiffusionXLPipeline, eager fp16, guidance 0, LCMScheduler
   diffusers-compile   the same with torch.compile on its UNet and VAE decoder (compiles per shape: only
@@ -29,6 +31,7 @@ import datetime as dt
 import functools
 import itertools
 import json
+import os
 import platform
 import signal
 import statistics
@@ -373,7 +376,8 @@ def main(argv=None) -> int:
         # engine without kernels / graphs, then torch.compile (it compiles per shape: minutes on SDXL).
         # Separate model instances for ours and diffusers: ours patches its modules in place.
         ours_parts = diff_pipe = None
-        order = ("ours", "ours-fast", "diffusers", "ours-host", "ours-notext", "ours-eager", "diffusers-compile")
+        order = ("ours", "ours-fast", "diffusers", "ours-host", "ours-notext", "ours-vaeopt", "ours-eager",
+                 "diffusers-compile")
         for system in [s for s in order if s in args.systems]:
             t0 = time.monotonic()
             undo_patch = None
@@ -382,6 +386,9 @@ def main(argv=None) -> int:
                     ours_parts = build_components(args.tiny, args.device, args.seed)
                 fast = system != "ours-eager" and cuda
                 preview = build_tiny_decoder(args.tiny, args.device) if system == "ours-fast" else None
+                if system == "ours-vaeopt":  # read by kernels/vae_fast.py when the backend is built
+                    os.environ["NITRO_VAE"] = os.environ.get("NITRO_VAE_CANDIDATE",
+                                                             "channels_last,cudnn_benchmark,subpixel")
                 pipe = our_pipeline(ours_parts, args.device, dtype_s, kernels=fast, cuda_graphs=fast,
                                     preview_vae=preview)
                 counts = json.dumps(pipe.backend.accel.patch_counts())
@@ -394,6 +401,9 @@ def main(argv=None) -> int:
                 elif system == "ours-notext":
                     pipe.backend.accel.text_graphs = None
                     note = "text encoders eager; " + note
+                elif system == "ours-vaeopt":
+                    os.environ.pop("NITRO_VAE")
+                    note = f"decoder options {os.environ.get('NITRO_VAE_CANDIDATE', 'channels_last,cudnn_benchmark,subpixel')}; " + note
                 timer = StageTimer(cuda)
                 runner = functools.partial(run_ours, decoder="fast" if system == "ours-fast" else "full")
                 time_ours(pipe, timer)
@@ -411,7 +421,7 @@ def main(argv=None) -> int:
             for size, steps, batch in cases:
                 if system == "diffusers-compile" and (size, batch, steps) not in args.compile_cases:
                     continue
-                if system in ("ours-host", "ours-notext", "ours-eager") and (size, steps, batch) not in \
+                if system in ("ours-host", "ours-notext", "ours-vaeopt", "ours-eager") and (size, steps, batch) not in \
                         args.variant_cases:
                     continue
                 if over_budget():

@@ -107,7 +107,7 @@ MODES = {  # name -> (batching, extra environment of the server process)
     "step-level engine": (True, {}),
     "one at a time": (False, {}),
     # the engine with decodes on the main stream, after each step (CUDA: what overlapping saves)
-    "engine, no overlap": (True, {"NITROFUSION_OVERLAP": "0"}),
+    "engine without overlap": (True, {"NITROFUSION_OVERLAP": "0"}),
 }
 
 
@@ -304,10 +304,10 @@ def main() -> None:
             lines.append(f"| {c} | {e['images_per_s']:.2f} | {o['images_per_s']:.2f} | "
                          f"{e['images_per_s'] / o['images_per_s']:.2f}x | {e['p50_ms']:.0f} / {e['p99_ms']:.0f} | "
                          f"{o['p50_ms']:.0f} / {o['p99_ms']:.0f} |")
-    if "engine, no overlap" in results:
-        lines += ["", "| concurrency | engine, no overlap img/s | p50 / p99 ms | overlap gain |", "|---|---|---|---|"]
+    if "engine without overlap" in results:
+        lines += ["", "| concurrency | engine without overlap img/s | p50 / p99 ms | overlap gain |", "|---|---|---|---|"]
         for c in levels:
-            n, e = results["engine, no overlap"][c], results.get("step-level engine", {}).get(c)
+            n, e = results["engine without overlap"][c], results.get("step-level engine", {}).get(c)
             gain = f"{e['images_per_s'] / n['images_per_s']:.2f}x" if e else "-"
             lines.append(f"| {c} | {n['images_per_s']:.2f} | {n['p50_ms']:.0f} / {n['p99_ms']:.0f} | {gain} |")
     table = "\n".join(lines) + "\n"
