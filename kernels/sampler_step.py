@@ -28,8 +28,10 @@ def step_coefficients(sampler, timesteps: list[int], next_levels: list[int],
     alpha_n = sampler.alphas_cumprod[nxt.clamp(min=0)]
     a = torch.where(has_next, alpha_n.sqrt(), torch.ones_like(alpha_n))
     b = torch.where(has_next, (1 - alpha_n).sqrt(), torch.zeros_like(alpha_n))
-    # non_blocking: the engine launches this step right behind the UNet call and must not wait for it
-    return torch.stack([alpha.sqrt(), beta.sqrt(), c_skip, c_out, a, b]).to(device, non_blocking=True)
+    coef = torch.stack([alpha.sqrt(), beta.sqrt(), c_skip, c_out, a, b])
+    if torch.device(device).type == "cuda":  # pinned: the engine launches this right behind the UNet call
+        return coef.pin_memory().to(device, non_blocking=True)  # and must not wait for it
+    return coef.to(device)
 
 
 def lcm_step_ref(sampler, sample: torch.Tensor, model_output: torch.Tensor, timesteps: list[int],

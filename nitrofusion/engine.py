@@ -280,10 +280,10 @@ class Engine:
             except Exception as e:  # a device error surfaces at the sync: the jobs of this decode fail
                 self._fail_all({r.job: RuntimeError(f"decoding failed: {e}") for r in decode.rows})
                 continue
-            for r, img in zip(decode.rows, images):
+            for r, img, step in zip(decode.rows, images, decode.steps):
                 if decode.preview:
                     if not r.job.future.done():
-                        self._progress(r, img, final=False)
+                        self._progress(r, img, final=False, step=step)
                 else:
                     r.image = img
             if not decode.preview:
@@ -301,11 +301,12 @@ class Engine:
                 self.observer.finished(job, now - job.enqueued_at, len(job.rows))
         self.scheduler.remove(jobs)
 
-    def _progress(self, row: Row, image: np.ndarray, final: bool) -> None:
+    def _progress(self, row: Row, image: np.ndarray, final: bool, step: int | None = None) -> None:
         job = row.job
         if job.on_progress is None or job.future.done():
             return
-        event = Progress(job.rows.index(row), row.step, row.schedule.steps, row.request.seed, image, final)
+        step = row.step if step is None else step
+        event = Progress(job.rows.index(row), step, row.schedule.steps, row.request.seed, image, final)
         try:
             job.on_progress(event)
         except Exception:  # a broken listener must not stop the engine

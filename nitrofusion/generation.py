@@ -16,6 +16,7 @@ import torch
 
 from .backends.base import Backend, Conditioning
 from .sampler import LCMSampler, Schedule
+from .transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ def new_row(request: GenerationRequest, sampler: LCMSampler, backend: Backend, s
     generator = torch.Generator("cpu").manual_seed(request.seed)
     f = backend.vae_scale_factor
     shape = (1, backend.latent_channels, request.height // f, request.width // f)
-    # non_blocking: admitting a row must not wait for the UNet call already queued on the device
-    latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(backend.device, non_blocking=True)
+    # pinned, non-blocking: admitting a row must not wait for the UNet call already queued on the device
+    latents = to_device(torch.randn(shape, generator=generator, dtype=torch.float32), backend.device)
     return Row(request, sampler.schedule(request.steps, shift), generator, latents)
 
 
@@ -79,7 +80,7 @@ def step_noise(rows: list[Row], next_levels: list[int], device: torch.device) ->
         return None
     noise = torch.cat([torch.randn(r.latents.shape, generator=r.generator, dtype=torch.float32) if lvl >= 0
                        else torch.zeros(r.latents.shape) for r, lvl in zip(rows, next_levels)])
-    return noise.to(device, non_blocking=True)
+    return to_device(noise, device)
 
 
 def step_rows(backend: Backend, sampler: LCMSampler, rows: list[Row], pad_to: int | None = None) -> torch.Tensor:

@@ -86,7 +86,8 @@ class ModelRunner:
         for (_, decoder), group in groups.items():
             def launch(rs: list[Row], decoder: str = decoder) -> None:
                 latents = torch.cat([r.x0 if preview else r.latents for r in rs])
-                launched.append(Decode(rs, self.backend.decode_async(latents, decoder, preview), preview))
+                launched.append(Decode(rs, self.backend.decode_async(latents, decoder, preview), preview,
+                                       [r.step for r in rs]))
 
             for job, e in run_isolated(group, launch, "preview decode" if preview else "decode").items():
                 failures[job] = RuntimeError(f"decoding failed: {e}")
@@ -113,3 +114,4 @@ class Decode:
     rows: list[Row]
     images: Pending
     preview: bool
+    steps: list[int]  # each row's step when launched: the row moves on before its preview lands

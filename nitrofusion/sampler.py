@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from diffusers import LCMScheduler
 
+from .transfer import to_device
+
 MIN_STEPS = 1
 MAX_STEPS = 4
 DEFAULT_SHIFT = 250
@@ -102,8 +104,8 @@ class LCMSampler:
         c_skip, c_out = self.boundary_scalings(timesteps)
 
         def per_row(v: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, 1, 1, 1) on the sample's device
-            # non_blocking: a host-to-device copy of a few floats must not wait for the queued UNet call
-            return v.to(sample.device, sample.dtype, non_blocking=True).view(-1, *([1] * (sample.ndim - 1)))
+            # pinned: a host-to-device copy of a few floats must not wait for the queued UNet call
+            return to_device(v, sample.device, sample.dtype).view(-1, *([1] * (sample.ndim - 1)))
 
         if self.prediction_type == "epsilon":
             x0 = (sample - per_row(beta.sqrt()) * model_output) / per_row(alpha.sqrt())
@@ -128,15 +130,14 @@ class LCMSampler:
             return x0, x0
         if noise is None or noise.shape != sample.shape:
             raise ValueError("rows that re-noise need noise shaped like the sample")
-        renoised = self.renoise(x0, [max(lvl, 0) for lvl in next_levels],
-                                noise.to(x0.device, x0.dtype, non_blocking=True))
-        keep = has_next.to(x0.device, non_blocking=True).view(-1, *([1] * (x0.ndim - 1)))
+        renoised = self.renoise(x0, [max(lvl, 0) for lvl in next_levels], to_device(noise, x0.device, x0.dtype))
+        keep = to_device(has_next, x0.device).view(-1, *([1] * (x0.ndim - 1)))
         return x0, torch.where(keep, renoised, x0)
 
     def renoise(self, denoised: torch.Tensor, levels: list[int], noise: torch.Tensor) -> torch.Tensor:
         """x_next = sqrt(abar[t_next]) * x0 + sqrt(1 - abar[t_next]) * z, per row."""
         alpha = self.alphas_cumprod[torch.tensor(levels, dtype=torch.long)]  # (B,)
         shape = (-1, *([1] * (denoised.ndim - 1)))
-        a = alpha.sqrt().to(denoised.device, denoised.dtype, non_blocking=True).view(shape)
-        b = (1 - alpha).sqrt().to(denoised.device, denoised.dtype, non_blocking=True).view(shape)
+        a = to_device(alpha.sqrt(), denoised.device, denoised.dtype).view(shape)
+        b = to_device((1 - alpha).sqrt(), denoised.device, denoised.dtype).view(shape)
         return a * denoised + b * noise

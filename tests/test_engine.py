@@ -317,3 +317,37 @@ def test_auto_steps_follow_the_load(make_engine):
     gate.set()
     for j in (first, busy, *fixed):
         assert len(result(j)) == 1
+
+
+class LatePending:
+    """A decode that lands late, as on CUDA's decode stream: not ready for the first two looks."""
+
+    def __init__(self, pending):
+        self.pending, self.looks = pending, 0
+
+    def ready(self):
+        self.looks += 1
+        return self.looks > 2
+
+    def result(self):
+        return self.pending.result()
+
+
+class LateDecodes(FakeBackend):
+    def decode_async(self, latents, decoder, preview=False):
+        return LatePending(super().decode_async(latents, decoder, preview))
+
+
+def test_decodes_that_land_late_are_answered_in_order_with_their_own_steps(make_engine):
+    """The engine launches the next step before a decode lands (CUDA overlap): previews still report the step
+    they were made at, in order, and every job gets the images a synchronous decode gives."""
+    eng, _, _ = make_engine(backend=LateDecodes())
+    events = []
+    streamed = eng.submit(Job([req("s", 4, 5)], stream=True, on_progress=events.append))
+    others = [eng.submit(Job([req(f"o{i}", 1 + i % 4, i)])) for i in range(6)]
+    final = result(streamed)[0]
+    assert [(e.step, e.final) for e in events] == [(1, False), (2, False), (3, False), (4, True)]
+    assert np.array_equal(events[-1].image, final)
+    expected = generate(FakeBackend(), SAMPLER, [req(f"o{i}", 1 + i % 4, i) for i in range(6)], 250)
+    for job, exp in zip(others, expected):
+        assert np.array_equal(result(job)[0], exp)

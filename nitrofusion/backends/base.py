@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequest
+from ..transfer import to_device
 
 
 @dataclass
@@ -28,8 +29,8 @@ class Conditioning:
         its micro-conditioning time ids, original size + crop (0, 0) + target size, as (height, width)."""
         if family == "sd":
             return Conditioning(embeds)
-        time_ids = torch.tensor([[h, w, 0, 0, h, w] for (w, h) in sizes], dtype=embeds.dtype)
-        time_ids = time_ids.to(embeds.device, non_blocking=True)  # no sync with the queued GPU work
+        time_ids = to_device(torch.tensor([[h, w, 0, 0, h, w] for (w, h) in sizes], dtype=embeds.dtype),
+                             embeds.device)
         return Conditioning(embeds, pooled, time_ids)
 
     def __len__(self) -> int:
@@ -160,8 +161,8 @@ class Backend:
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
         if mean is not None and std is not None:
             shape = (1, latents.shape[1], 1, 1)
-            mean_t = torch.tensor(mean, dtype=latents.dtype).view(shape).to(latents.device, non_blocking=True)
-            std_t = torch.tensor(std, dtype=latents.dtype).view(shape).to(latents.device, non_blocking=True)
+            mean_t = to_device(torch.tensor(mean, dtype=latents.dtype).view(shape), latents.device)
+            std_t = to_device(torch.tensor(std, dtype=latents.dtype).view(shape), latents.device)
             return latents * std_t / cfg.scaling_factor + mean_t
         return latents / cfg.scaling_factor
 

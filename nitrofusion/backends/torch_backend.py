@@ -10,6 +10,7 @@ import torch
 from ..errors import NitroError
 from ..models import LoadedModel
 from ..scheduler import DEFAULT_BUCKETS
+from ..transfer import to_device
 from .base import Backend, Conditioning, Pending
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -79,14 +80,14 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def run_text_encoder(self, index: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.accel.text(index, ids.to(self.device, non_blocking=True))
+        out = self.accel.text(index, to_device(ids, self.device))
         pooled = out[1] if len(out) > 1 and out[1].ndim == 2 else None  # CLIPTextModelWithProjection: text_embeds
         return out[0], pooled
 
     # -- denoiser ------------------------------------------------------------------------------
     @torch.inference_mode()
     def unet(self, latents: torch.Tensor, timesteps: list[int], cond: Conditioning) -> torch.Tensor:
-        t = torch.tensor(timesteps, dtype=torch.long).to(self.device, non_blocking=True)  # (B,) one per row
+        t = to_device(torch.tensor(timesteps, dtype=torch.long), self.device)  # (B,) one timestep per row
         x = latents.to(self.device, self.dtype)
         if self.accel.active:
             return self.accel.unet(x, t, cond).float()
