@@ -114,7 +114,7 @@ def test_cli_train_resumes_after_sigkill(tiny_run, tmp_path):
     """A real `nitrofusion train` process killed mid-stage picks up from its last checkpoint."""
     _, work, _ = tiny_run
     copy_stages(work, tmp_path, ["autoencoder", "text"])
-    args = [CLI, "train", "--recipe", "tiny", "--work", str(tmp_path), "--stage", "teacher"]
+    args = [*CLI, "train", "--recipe", "tiny", "--work", str(tmp_path), "--stage", "teacher"]
     proc = subprocess.Popen(args + ["--set", "teacher.optim.steps=100000"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     state = tmp_path / "teacher" / "checkpoint" / "state.json"
@@ -134,7 +134,7 @@ def test_cli_train_resumes_after_sigkill(tiny_run, tmp_path):
 
 
 def test_cli_rejects_bad_config_in_one_line(tmp_path):
-    proc = subprocess.run([CLI, "train", "--recipe", "tiny", "--work", str(tmp_path), "--set", "nitro.loss=l2"],
+    proc = subprocess.run([*CLI, "train", "--recipe", "tiny", "--work", str(tmp_path), "--set", "nitro.loss=l2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "nitro.loss" in proc.stderr
