@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -15,25 +16,24 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from nitrofusion.backends.torch_backend import TorchBackend  # noqa: E402
 from nitrofusion.pipeline import load_pipeline  # noqa: E402
 from nitrofusion.tiny import save_tiny_model  # noqa: E402
 
 FAMILIES = ["sdxl", "sd"]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def nitro_cache_dir(tmp_path_factory):
-    """NITRO_CACHE_DIR for the whole session, set before any other fixture: the ONNX exports that the CPU
-    default backend (onnxruntime) makes on first use go here, never to ~/.cache. Processes started by
-    tests/helpers.py inherit it, so a server or CLI run reuses what an earlier test exported."""
-    path = tmp_path_factory.mktemp("nitro-cache")
-    old = os.environ.get("NITRO_CACHE_DIR")
-    os.environ["NITRO_CACHE_DIR"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("NITRO_CACHE_DIR", None)
-    else:
-        os.environ["NITRO_CACHE_DIR"] = old
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_stay_the_default():
+    """The number of intra-op threads changes how CPU kernels split their sums (an image made with 1 thread differs
+    from one made with 2 by 1/255 here), and a process started by a test (tests/helpers.py) uses torch's default.
+    A test that sets another count (the trainer's `run.threads`) must not change what the tests after it compute."""
+    yield
+    if torch.get_num_threads() != _DEFAULT_THREADS:
+        torch.set_num_threads(_DEFAULT_THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +53,20 @@ def tiny_sd_dir(tiny_dirs):
 
 
 @pytest.fixture(scope="session")
-def pipelines(tiny_dirs):
-    """One loaded CPU torch pipeline per family (the reference the other backends are compared with), shared by
-    tests that only read from it."""
+def _loaded_torch_pipelines(tiny_dirs):
     return {fam: load_pipeline(path, device="cpu", backend="torch") for fam, path in tiny_dirs.items()}
+
+
+@pytest.fixture
+def pipelines(_loaded_torch_pipelines):
+    """A CPU torch pipeline per family (the reference the other backends are compared with): the models are loaded
+    once per session, the backend is new for each test. A backend caches each prompt's text embedding as the batch
+    that first encoded it computed it, and a batched matmul rounds differently from a single row (SDXL's pooled
+    projection differs in the last bit between a batch of 3 prompts and 1, enough to move a pixel by 1/255), so a
+    backend shared across tests would make this reference depend on what earlier tests asked of it. A test may also
+    patch its backend (e.g. count UNet calls) without reaching the next test."""
+    return {fam: dataclasses.replace(p, backend=TorchBackend(p.model, device="cpu"))
+            for fam, p in _loaded_torch_pipelines.items()}
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,10 @@ def test_generate_writes_the_same_image_as_the_library(tiny_sdxl_dir, pipelines,
                    "--backend", "torch")
     assert proc.returncode == 0, proc.stderr
     assert "seed 42" in proc.stdout
+    # Exact, PNG being lossless: the process runs this checkout's code on the same weights with torch's default
+    # thread count, as this one does (tests/conftest.py restores it after a test that changes it), and `pipelines`
+    # is a new backend for this test, which encodes the prompt alone as the CLI does (not in a batch with other
+    # prompts an earlier test asked for, which rounds the SDXL pooled embedding differently).
     expected = pipelines["sdxl"]([GenerationRequest("a red circle", 2, 42, 64, 48)])[0]
     assert np.array_equal(decode_image(out.read_bytes()), expected)
 
