@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 
 import torch
 
@@ -21,6 +22,67 @@ from nitrofusion.pipeline import load_pipeline  # noqa: E402
 from nitrofusion.tiny import save_tiny_model  # noqa: E402
 
 FAMILIES = ["sdxl", "sd"]
+
+
+# -- test order ----------------------------------------------------------------------------------------
+# NITRO_TEST_ORDER=shuffle:SEED runs the files in a seeded random order and each file's tests in a seeded random
+# order; NITRO_TEST_ORDER=reverse runs the files last to first. Unset: pytest's order. Either proves that no test
+# relies on state an earlier one left (a filled text cache, an export in the session cache, an environment
+# variable). Each file's tests stay together so that a module-scoped server starts once per file, not per test.
+def _order_mode() -> tuple[str, int | None]:
+    value = os.environ.get("NITRO_TEST_ORDER", "").strip()
+    if not value:
+        return "", None
+    if value == "reverse":
+        return "reverse", None
+    kind, _, seed = value.partition(":")
+    if kind == "shuffle" and seed.isdigit():
+        return "shuffle", int(seed)
+    raise pytest.UsageError(f"NITRO_TEST_ORDER={value!r}: use shuffle:SEED (an integer) or reverse")
+
+
+def pytest_configure(config):
+    _order_mode()  # a malformed NITRO_TEST_ORDER stops the run before collection
+
+
+def pytest_report_header(config):
+    mode, seed = _order_mode()
+    if mode:
+        return f"test order: {mode}" + (f" (seed {seed})" if seed is not None else "") + " from NITRO_TEST_ORDER"
+    return None
+
+
+def pytest_collection_modifyitems(session, config, items):
+    mode, seed = _order_mode()
+    if not mode:
+        return
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    groups = list(files.values())
+    if mode == "reverse":
+        groups.reverse()
+    else:
+        rng = random.Random(seed)
+        rng.shuffle(groups)
+        for group in groups:
+            rng.shuffle(group)
+    items[:] = [item for group in groups for item in group]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nitro_cache_dir(tmp_path_factory):
+    """NITRO_CACHE_DIR for the whole session, set before any other fixture: the ONNX exports that the CPU
+    default backend (onnxruntime) makes on first use go here, never to ~/.cache. Processes started by
+    tests/helpers.py inherit it, so a server or CLI run reuses what an earlier test exported."""
+    path = tmp_path_factory.mktemp("nitro-cache")
+    old = os.environ.get("NITRO_CACHE_DIR")
+    os.environ["NITRO_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("NITRO_CACHE_DIR", None)
+    else:
+        os.environ["NITRO_CACHE_DIR"] = old
 
 
 _DEFAULT_THREADS = torch.get_num_threads()
