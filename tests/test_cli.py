@@ -47,8 +47,11 @@ def test_cpu_default_exports_once_into_the_cache_and_says_so(tiny_sd_dir, pipeli
 
 
 def test_generate_defaults_to_native_size_and_random_seed(tiny_sd_dir, tmp_path):
+    # --backend torch: this test is about the size and seed defaults; the CPU default backend has its own test
+    # (above), and without the flag this test's time would depend on whether an earlier test had exported the
+    # model into the session's cache.
     out = tmp_path / "img.jpg"
-    proc = run_cli("generate", "--model", tiny_sd_dir, "--prompt", "a dog", "--out", out, timeout=600)  # may export
+    proc = run_cli("generate", "--model", tiny_sd_dir, "--backend", "torch", "--prompt", "a dog", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert decode_image(out.read_bytes()).shape == (32, 32, 3)
     assert "seed " in proc.stdout
