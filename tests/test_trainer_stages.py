@@ -83,7 +83,7 @@ def test_student_loads_through_load_pipeline_and_generates_1_to_4_steps(tiny_run
     assert np.array_equal(images[1], pipe([GenerationRequest(prompt, 2, 7, 32, 32)])[0])
 
 
-@pytest.mark.parametrize("stage", ["teacher", "nitro"])
+@pytest.mark.parametrize("stage", ["teacher", pytest.param("nitro", marks=pytest.mark.slow)])
 def test_resume_continues_and_matches_an_uninterrupted_run(tiny_run, tmp_path, stage, capsys):
     """Stop after step 1, resume to step 3: the same weights as three steps in one go."""
     _, work, _ = tiny_run
@@ -110,6 +110,7 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_run, tmp_path, s
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_cli_train_resumes_after_sigkill(tiny_run, tmp_path):
     """A real `nitrofusion train` process killed mid-stage picks up from its last checkpoint."""
     _, work, _ = tiny_run
@@ -158,6 +159,7 @@ def one_step_error(unet_dir: Path, work: Path, cfg) -> float:
     return torch.nn.functional.mse_loss(x0, cache["x0"]).item()
 
 
+@pytest.mark.slow
 def test_l2_term_alone_pulls_the_student_to_its_teacher_samples(tiny_run, tmp_path):
     """nitro.adv_weight=0 leaves only the L2 term: the student must get closer to the teacher's samples from the
     same noises than the init it starts from (measured: MSE 189 -> 146 on the tiny recipe)."""
@@ -209,6 +211,7 @@ def test_teacher_sampler_from_a_start_timestep(tiny_run):
     assert (x - x0).abs().mean() < 0.5 * (x - x0.flip(0)).abs().mean()
 
 
+@pytest.mark.slow
 def test_multistep_l2_targets_log_only_where_they_apply(tiny_run, tmp_path):
     """reg_multistep=off: the L2 term (and its log) on 1-step iterations only; =teacher: on k-step ones too."""
     import csv
