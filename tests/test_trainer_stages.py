@@ -83,7 +83,7 @@ def test_student_loads_through_load_pipeline_and_generates_1_to_4_steps(tiny_run
     assert np.array_equal(images[1], pipe([GenerationRequest(prompt, 2, 7, 32, 32)])[0])
 
 
-@pytest.mark.parametrize("stage", ["teacher", pytest.param("nitro", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stage", ["teacher", "nitro"])
 def test_resume_continues_and_matches_an_uninterrupted_run(tiny_run, tmp_path, stage, capsys):
     """Stop after step 1, resume to step 3: the same weights as three steps in one go."""
     _, work, _ = tiny_run
