@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 
 import torch
 
@@ -15,10 +17,57 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from nitrofusion.backends.torch_backend import TorchBackend  # noqa: E402
 from nitrofusion.pipeline import load_pipeline  # noqa: E402
 from nitrofusion.tiny import save_tiny_model  # noqa: E402
 
 FAMILIES = ["sdxl", "sd"]
+
+
+# -- test order ----------------------------------------------------------------------------------------
+# NITRO_TEST_ORDER=shuffle:SEED runs the files in a seeded random order and each file's tests in a seeded random
+# order; NITRO_TEST_ORDER=reverse runs the files last to first. Unset: pytest's order. Either proves that no test
+# relies on state an earlier one left (a filled text cache, an export in the session cache, an environment
+# variable). Each file's tests stay together so that a module-scoped server starts once per file, not per test.
+def _order_mode() -> tuple[str, int | None]:
+    value = os.environ.get("NITRO_TEST_ORDER", "").strip()
+    if not value:
+        return "", None
+    if value == "reverse":
+        return "reverse", None
+    kind, _, seed = value.partition(":")
+    if kind == "shuffle" and seed.isdigit():
+        return "shuffle", int(seed)
+    raise pytest.UsageError(f"NITRO_TEST_ORDER={value!r}: use shuffle:SEED (an integer) or reverse")
+
+
+def pytest_configure(config):
+    _order_mode()  # a malformed NITRO_TEST_ORDER stops the run before collection
+
+
+def pytest_report_header(config):
+    mode, seed = _order_mode()
+    if mode:
+        return f"test order: {mode}" + (f" (seed {seed})" if seed is not None else "") + " from NITRO_TEST_ORDER"
+    return None
+
+
+def pytest_collection_modifyitems(session, config, items):
+    mode, seed = _order_mode()
+    if not mode:
+        return
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    groups = list(files.values())
+    if mode == "reverse":
+        groups.reverse()
+    else:
+        rng = random.Random(seed)
+        rng.shuffle(groups)
+        for group in groups:
+            rng.shuffle(group)
+    items[:] = [item for group in groups for item in group]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,6 +83,19 @@ def nitro_cache_dir(tmp_path_factory):
         os.environ.pop("NITRO_CACHE_DIR", None)
     else:
         os.environ["NITRO_CACHE_DIR"] = old
+
+
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_stay_the_default():
+    """The number of intra-op threads changes how CPU kernels split their sums (an image made with 1 thread differs
+    from one made with 2 by 1/255 here), and a process started by a test (tests/helpers.py) uses torch's default.
+    A test that sets another count (the trainer's `run.threads`) must not change what the tests after it compute."""
+    yield
+    if torch.get_num_threads() != _DEFAULT_THREADS:
+        torch.set_num_threads(_DEFAULT_THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +115,20 @@ def tiny_sd_dir(tiny_dirs):
 
 
 @pytest.fixture(scope="session")
-def pipelines(tiny_dirs):
-    """One loaded CPU torch pipeline per family (the reference the other backends are compared with), shared by
-    tests that only read from it."""
+def _loaded_torch_pipelines(tiny_dirs):
     return {fam: load_pipeline(path, device="cpu", backend="torch") for fam, path in tiny_dirs.items()}
+
+
+@pytest.fixture
+def pipelines(_loaded_torch_pipelines):
+    """A CPU torch pipeline per family (the reference the other backends are compared with): the models are loaded
+    once per session, the backend is new for each test. A backend caches each prompt's text embedding as the batch
+    that first encoded it computed it, and a batched matmul rounds differently from a single row (SDXL's pooled
+    projection differs in the last bit between a batch of 3 prompts and 1, enough to move a pixel by 1/255), so a
+    backend shared across tests would make this reference depend on what earlier tests asked of it. A test may also
+    patch its backend (e.g. count UNet calls) without reaching the next test."""
+    return {fam: dataclasses.replace(p, backend=TorchBackend(p.model, device="cpu"))
+            for fam, p in _loaded_torch_pipelines.items()}
 
 
 @pytest.fixture(scope="session")

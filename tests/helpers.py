@@ -1,4 +1,4 @@
-"""Running the real `nitrofusion` console script, and a real server process, from tests.
+"""Running the real `nitrofusion` command, and a real server process, from tests.
 
 Both inherit the environment, so NITRO_CACHE_DIR is the session's temporary cache (tests/conftest.py): on the
 CPU the default backend (onnxruntime) exports a model on first use, and that export never goes to ~/.cache."""
@@ -11,12 +11,25 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
 
-CLI = str(Path(sys.executable).parent / "nitrofusion")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _console_script() -> list[str]:
+    """The `nitrofusion` console script of this checkout: what pip's wrapper runs (the entry point pyproject.toml
+    declares), started with this interpreter. Not <venv>/bin/nitrofusion: a virtual environment shared by several
+    checkouts holds the wrapper of whichever was installed last, and its entry point (and the code it imports
+    through the editable install) may be another checkout's."""
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["nitrofusion"]
+    module, func = target.split(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]
+
+
+CLI = _console_script()  # argv prefix: [*CLI, "generate", ...]
 
 
 def load_script(relpath: str):
@@ -30,11 +43,15 @@ def load_script(relpath: str):
 
 def _env(extra: dict | None) -> dict:
     assert os.environ.get("NITRO_CACHE_DIR"), "tests/conftest.py sets NITRO_CACHE_DIR for the session"
-    return {**os.environ, **(extra or {})}
+    env = {**os.environ, **(extra or {})}
+    # This checkout first on the child's path, so it imports the code under test wherever the editable install
+    # of the environment points.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def run_cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=_env(env))
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=_env(env))
 
 
 def free_port() -> int:
@@ -50,7 +67,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [CLI, "serve", "--host", "127.0.0.1", "--port", str(self.port), *map(str, args)],
+            [*CLI, "serve", "--host", "127.0.0.1", "--port", str(self.port), *map(str, args)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=_env(env),
         )

@@ -38,7 +38,7 @@ def test_same_image_alone_or_in_any_batch(tiny_dirs, family):
     assert np.abs(alone[0].astype(int) - alone[3].astype(int)).max() > 8
 
 
-def test_one_unet_call_per_iteration_over_mixed_steps(pipelines):
+def test_one_unet_call_per_iteration_over_mixed_steps(pipelines, monkeypatch):
     pipe = pipelines["sdxl"]
     calls = []
     real_unet = pipe.backend.unet
@@ -47,11 +47,8 @@ def test_one_unet_call_per_iteration_over_mixed_steps(pipelines):
         calls.append(list(timesteps))
         return real_unet(latents, timesteps, cond)
 
-    pipe.backend.unet = counting_unet
-    try:
-        pipe(MIXED[:4])  # steps 1, 2, 3, 4
-    finally:
-        del pipe.backend.unet
+    monkeypatch.setattr(pipe.backend, "unet", counting_unet)
+    pipe(MIXED[:4])  # steps 1, 2, 3, 4
     # 4 iterations; the first has every row at its own first (shifted) timestep
     assert calls == [[249, 249, 249, 249], [124, 187, 187], [124, 124], [62]]
 

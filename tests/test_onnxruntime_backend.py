@@ -75,8 +75,9 @@ def test_same_interface_as_torch(pipelines, ort_pipelines):
     assert be.preview(latents).shape == (2, 16, 16, 3)  # no tiny decoder: the full VAE
 
 
-def test_prompt_embeddings_are_cached(ort_pipelines, monkeypatch):
-    be = ort_pipelines["sd"].backend
+def test_prompt_embeddings_are_cached(onnx_exports, monkeypatch):
+    # A backend of its own: the session's ort_pipelines may already hold these prompts from an earlier test.
+    be = load_pipeline(onnx_exports["sd"], device="cpu").backend
     calls = []
     real = be._encode_uncached
     monkeypatch.setattr(be, "_encode_uncached", lambda prompts: calls.append(list(prompts)) or real(prompts))

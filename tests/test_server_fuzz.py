@@ -21,6 +21,7 @@ def server(tiny_sd_dir):
     srv.stop()
 
 
+@pytest.mark.slow
 def test_no_input_produces_a_server_error(server, tmp_path):
     proc = subprocess.run(
         [ST, "run", server.url + "/openapi.json", "--checks", "not_a_server_error,negative_data_rejection",

@@ -19,6 +19,7 @@ from .helpers import free_port
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 def test_two_process_cpu_ddp_runs_every_distributed_stage(tmp_path):
     run(recipe("tiny"), tmp_path, tmp_path / "model", ["autoencoder", "text"])  # in-process, 1 rank

@@ -88,6 +88,7 @@ def tiny_trained(tmp_path_factory):
     return root, model
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_report_grids_and_curves_and_student_rows_match_generate(tiny_trained, tmp_path):
     root, model = tiny_trained
     out = tmp_path / "EVAL.md"

@@ -111,11 +111,12 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_run, tmp_path, s
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_cli_train_resumes_after_sigkill(tiny_run, tmp_path):
     """A real `nitrofusion train` process killed mid-stage picks up from its last checkpoint."""
     _, work, _ = tiny_run
     copy_stages(work, tmp_path, ["autoencoder", "text"])
-    args = [CLI, "train", "--recipe", "tiny", "--work", str(tmp_path), "--stage", "teacher"]
+    args = [*CLI, "train", "--recipe", "tiny", "--work", str(tmp_path), "--stage", "teacher"]
     proc = subprocess.Popen(args + ["--set", "teacher.optim.steps=100000"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     state = tmp_path / "teacher" / "checkpoint" / "state.json"
@@ -135,7 +136,7 @@ def test_cli_train_resumes_after_sigkill(tiny_run, tmp_path):
 
 
 def test_cli_rejects_bad_config_in_one_line(tmp_path):
-    proc = subprocess.run([CLI, "train", "--recipe", "tiny", "--work", str(tmp_path), "--set", "nitro.loss=l2"],
+    proc = subprocess.run([*CLI, "train", "--recipe", "tiny", "--work", str(tmp_path), "--set", "nitro.loss=l2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "nitro.loss" in proc.stderr
@@ -159,6 +160,7 @@ def one_step_error(unet_dir: Path, work: Path, cfg) -> float:
     return torch.nn.functional.mse_loss(x0, cache["x0"]).item()
 
 
+@pytest.mark.slow
 def test_l2_term_alone_pulls_the_student_to_its_teacher_samples(tiny_run, tmp_path):
     """nitro.adv_weight=0 leaves only the L2 term: the student must get closer to the teacher's samples from the
     same noises than the init it starts from (measured: MSE 189 -> 146 on the tiny recipe)."""
@@ -210,6 +212,7 @@ def test_teacher_sampler_from_a_start_timestep(tiny_run):
     assert (x - x0).abs().mean() < 0.5 * (x - x0.flip(0)).abs().mean()
 
 
+@pytest.mark.slow
 def test_multistep_l2_targets_log_only_where_they_apply(tiny_run, tmp_path):
     """reg_multistep=off: the L2 term (and its log) on 1-step iterations only; =teacher: on k-step ones too."""
     import csv
