@@ -1,10 +1,10 @@
 """`nitrofusion generate` end to end as a real process (the image it writes, the one-time export note), and its
-one-line argument errors, checked in-process through `nitrofusion.cli.main(argv)`."""
+one-line argument errors, checked in-process through `cli.main.main(argv)`."""
 
 import numpy as np
 import pytest
 
-from nitrofusion.cli import main
+from cli.main import main
 from nitrofusion.generation import GenerationRequest
 from nitrofusion.images import decode_image
 
@@ -58,7 +58,7 @@ def test_generate_defaults_to_native_size_and_random_seed(tiny_sd_dir, tmp_path)
 
 
 def _error_line(capsys, argv) -> str:
-    """`nitrofusion.cli.main(argv)` in this process: exit status 2 (returned, or argparse's SystemExit) and exactly
+    """`cli.main.main(argv)` in this process: exit status 2 (returned, or argparse's SystemExit) and exactly
     one line on stderr, which is returned. Logging and warnings go to pytest here, not to stderr; that the real
     process prints nothing else is test_argument_error_is_one_line_from_the_real_process's job."""
     try:
