@@ -79,6 +79,16 @@ def frozen_dtype(run: RunConfig, accelerator) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name, torch.float32)
 
 
+def tensorboard_writer(folder: Path):
+    """A TensorBoard SummaryWriter when tensorboard is installed (an optional extra), else None: metrics.csv is
+    always written, TensorBoard only when it can be."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
 def micro_contexts(accelerator, model, n: int):
     """Gradient accumulation over n micro-steps: skip DDP's all-reduce on all but the last backward."""
     for i in range(n):
@@ -97,6 +107,7 @@ class Stage:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.extra_state: dict[str, Any] = {}
         self._bar = None
+        self._tb = None  # the TensorBoard writer once opened; False when tensorboard is not installed
         self._t0 = time.monotonic()
         if self.acc.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -213,11 +224,19 @@ class Stage:
                 if new:
                     w.writeheader()
                 w.writerow(row)
+            if self._tb is None:
+                self._tb = tensorboard_writer(self.folder / "tensorboard") or False
+            if self._tb:
+                for k, v in metrics.items():
+                    self._tb.add_scalar(f"{self.name}/{k}", v, self.step)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self._tb:
+            self._tb.close()
+            self._tb = None
 
     def maybe_checkpoint(self, every: int) -> None:
         if self.step % every == 0 or self.step == self.total:
