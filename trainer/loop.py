@@ -154,22 +154,38 @@ class Stage:
             for name, opt in self.optimizers.items():
                 torch.save(opt.state_dict(), tmp / f"{name}_optimizer.pt")
             torch.save(self.extra_state, tmp / "extra.pt")
+            self.cfg.save(tmp / "train_config.json")
+            # Written last: a checkpoint.tmp with a state.json is complete (what _recover_interrupted_save trusts).
             (tmp / "state.json").write_text(json.dumps({"stage": self.name, "step": self.step,
                                                         "world_size": self.acc.num_processes}) + "\n")
-            self.cfg.save(tmp / "train_config.json")
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             old = self.folder / "checkpoint.old"
+            shutil.rmtree(old, ignore_errors=True)  # left by a save killed while it deleted it
             if self.ckpt_dir.exists():
                 self.ckpt_dir.rename(old)
             tmp.rename(self.ckpt_dir)
             shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
 
+    def _recover_interrupted_save(self) -> None:
+        """A process killed between save_checkpoint's two renames leaves no checkpoint/: take the complete new one
+        (checkpoint.tmp with its state.json), else the previous one (checkpoint.old)."""
+        if (self.ckpt_dir / "state.json").is_file():
+            return
+        for candidate in (self.folder / "checkpoint.tmp", self.folder / "checkpoint.old"):
+            if (candidate / "state.json").is_file():
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+                candidate.rename(self.ckpt_dir)
+                return
+
     def load_checkpoint(self) -> bool:
         """Restore modules, optimizers, RNG and step if a checkpoint exists. Call before `accelerator.prepare`."""
         from safetensors.torch import load_file
 
+        if self.acc.is_main_process:
+            self._recover_interrupted_save()
+        self.acc.wait_for_everyone()
         state_file = self.ckpt_dir / "state.json"
         if not state_file.is_file():
             return False
