@@ -318,6 +318,10 @@ class TrainConfig:
     nitro: NitroConfig = field(default_factory=NitroConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self):
+        _check(not (self.nitro.reg_multistep == "teacher" and self.teacher.solver == "ddim"),
+               "nitro.reg_multistep=teacher starts the teacher part-way: use teacher.solver dpmsolver++, euler or lcm")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

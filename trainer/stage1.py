@@ -68,7 +68,7 @@ class TeacherSampler:
         if self.solver == "euler":
             return EulerDiscreteScheduler(**common)
         if self.solver == "ddim":
-            return DDIMScheduler(**common)
+            return DDIMScheduler(**common, clip_sample=False)  # latents are not in [-1, 1]
         return LCMScheduler(**common)
 
     @torch.no_grad()
