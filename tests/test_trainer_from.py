@@ -381,3 +381,15 @@ def test_a_save_killed_between_its_renames_still_resumes(tmp_path):
     json.dump({"stage": "init", "step": 1, "world_size": 1}, (tmp_path / "checkpoint.old" / "state.json").open("w"))
     resumed = stage_at(0)
     assert resumed.load_checkpoint() and resumed.step == 2
+
+
+def test_the_heads_draw_is_the_same_on_every_rank():
+    """Stage 3 draws t*, the head subset and the refresh from `shared_generator` (no rank in its seed), the batch
+    from `step_generator` (per rank): every rank updates the same heads, each on its own rows."""
+    from trainer.loop import shared_generator, step_generator
+
+    def draw(g):
+        return torch.randint(1000, (8,), generator=g).tolist()
+
+    assert draw(shared_generator(0, "nitro", 5)) == draw(shared_generator(0, "nitro", 5))
+    assert draw(step_generator(0, "nitro", 5, 0)) != draw(step_generator(0, "nitro", 5, 1))
