@@ -229,7 +229,9 @@ class Stage:
 
             self._bar = tqdm(total=self.total, initial=self.step - 1, desc=self.name, dynamic_ncols=True)
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
-        self._bar.update(1)
+        # To the step, not +1: the cache stage's main process logs only its own chunks (1 in world_size) and skips
+        # chunks a killed run already wrote, so its bar and ETA follow the stage's step, not its own count.
+        self._bar.update(self.step - self._bar.n)
         every = self.log_every
         if force or self.step % every == 0 or self.step == self.total:
             path = self.folder / "metrics.csv"
