@@ -296,6 +296,8 @@ def test_smoke_preset_and_set_after_it(tmp_path):
     assert cfg.source.model == str(tmp_path.resolve()) and cfg.source.prompts == "p.txt"  # absent: kept as given
     cfg, _, out = resolve(p.parse_args([]))
     assert cfg == recipe("shapes") and out.parts[-2:] == ("models", "default")  # the shapes recipe as before
+    _, work, out = resolve(p.parse_args(["--smoke"]))  # never over the full run's folders or models/default
+    assert work.name == "shapes-smoke" and out == work / "model"
 
 
 def test_teacher_solvers_agree_and_lcm_is_the_students_sampler():

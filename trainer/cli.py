@@ -72,8 +72,10 @@ def resolve(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path]:
         raise ValueError(f"--{'prompts' if src.prompts else 'teacher-unet'} needs --from MODEL")
     if src.model and not args.work:
         raise ValueError("--from needs --work DIR (stages, checkpoints and metrics; a rerun resumes from it)")
-    work = Path(args.work) if args.work else REPO / "outputs" / cfg.recipe
-    default_out = REPO / "models" / "default" if cfg.recipe == "shapes" and not src.model else work / "model"
+    # A smoke run never lands in a full run's folders (its stages would be marked done) or in models/default.
+    work = Path(args.work) if args.work else REPO / "outputs" / (cfg.recipe + ("-smoke" if args.smoke else ""))
+    shapes_default = cfg.recipe == "shapes" and not src.model and not args.smoke
+    default_out = REPO / "models" / "default" if shapes_default else work / "model"
     return cfg, work, Path(args.out) if args.out else default_out
 
 

@@ -1,11 +1,12 @@
-"""Stage 2: teacher pairs (cached once) and the one-step initialisation.
+"""Stage 2: teacher pairs (cached once, trainer/cache.py) and the one-step initialisation.
 
-The paper starts NitroFusion from an already-distilled one-step model (DMD2 / Hyper-SD). We have none, so the
-init is the simplest distillation that gives one: regression of the student's one-step prediction on the
-teacher's 25-step sample from the *same* noise (as in Progressive/"knowledge" distillation, Luhman & Luhman
-2021). The student starts from the teacher's weights and is called exactly as at inference: noise at level 999,
-UNet at the shifted timestep floor(999 * S / 1000), x0 through `LCMSampler.denoise`. The cached teacher samples
-double as the "real" samples of stage 3 (the paper's reals are teacher outputs too).
+The paper starts NitroFusion from an already-distilled one-step model (DMD2 / Hyper-SD); `--init-unet FILE` does
+that and skips this stage. Without one, the init is the simplest distillation that gives one: regression of the
+student's one-step prediction on the teacher's 25-step sample from the *same* noise (as in Progressive/"knowledge"
+distillation, Luhman & Luhman 2021). The student starts from the teacher's weights and is called exactly as at
+inference: noise at level 999, UNet at the shifted timestep floor(999 * S / 1000), x0 through
+`LCMSampler.denoise`. The cached teacher samples double as the "real" samples of stage 3 (the paper's reals are
+teacher outputs too).
 """
 
 from __future__ import annotations
