@@ -38,3 +38,23 @@ def test_two_process_cpu_ddp_runs_every_distributed_stage(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cache").glob("chunk_*.pt")) == ["chunk_00000.pt", "chunk_00001.pt"]
     assert (tmp_path / "model" / "model_index.json").is_file()
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_two_process_from_run_shares_the_cache(tiny_sdxl_dir, tmp_path):
+    """`--from` under torchrun: both ranks load the model, build the cache's chunks between them and read each
+    other's chunks in the init and stage 3."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\nphoto of the cat\n")
+    proc = subprocess.run(
+        [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+         "-m", "trainer", "--from", str(tiny_sdxl_dir), "--prompts", str(prompts), "--work", str(tmp_path / "w"),
+         "--smoke", "--set", "nitro.optim.batch_size=1"],
+        capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage, steps in (("init", 2), ("nitro", 4)):
+        state = json.loads((tmp_path / "w" / stage / "checkpoint" / "state.json").read_text())
+        assert state == {"stage": stage, "step": steps, "world_size": 2}
+    assert json.loads((tmp_path / "w" / "cache" / "index.json").read_text()) == {"pairs": 4, "chunk_size": 2}
+    assert (tmp_path / "w" / "model" / "model_index.json").is_file()

@@ -198,3 +198,15 @@ def test_benchmark_search_finds_the_largest_batch_that_fits_and_survives_out_of_
                                                          (13, "ok"), (14, "oom")]
     assert all(r["runs"] == 1 for r in rows if r["status"] == "ok")  # one timed iteration per search case
     assert rows[0]["s_per_iter"] == pytest.approx(0.8 + 0.01 + 0.4)
+
+
+def test_from_smoke_benchmark_runs_tiny_on_the_cpu(tmp_path):
+    """bench/train_from_smoke.py --tiny: every stage of `train --from --smoke` and one image from the export."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_from_smoke.py"), "--tiny", "--dir",
+                           str(tmp_path / "run"), "--json", str(tmp_path / "r.json"), "--markdown",
+                           str(tmp_path / "r.md")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert list(result["stages"]) == ["cache", "init", "nitro", "export", "generate"] and result["image_size"] == 32
+    assert result["stages"]["generate"]["shape"] == [32, 32, 3]
+    assert "| nitro |" in (tmp_path / "r.md").read_text()

@@ -6,18 +6,33 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import RECIPES, STAGES, TrainConfig, apply_overrides, recipe
+from .config import RECIPE_NAMES, STAGES, TrainConfig, apply_overrides, recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default="shapes", choices=sorted(RECIPES),
-                   help="shapes: the bundled default model (CPU, ~90 min); tiny: toy sizes for smoke tests")
+    p.add_argument("--recipe", default=None, choices=RECIPE_NAMES,
+                   help="shapes (default without --from): the bundled default model (CPU, ~90 min); tiny: toy sizes "
+                        "for tests; pretrained (default with --from): an SDXL / SD1.x student on GPUs")
+    p.add_argument("--from", dest="from_model", default=None, metavar="MODEL",
+                   help="a diffusers SDXL or SD1.x model (what `generate --model` takes): its text encoders, VAE and "
+                        "UNet are the frozen teacher and the discriminator's backbone")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="with --from: UTF-8 text, one prompt a line (blank lines and # comments skipped), or a folder "
+                        "of image + .txt caption pairs (captions as prompts; images as reals with nitro.real=data)")
+    p.add_argument("--init-unet", default=None, metavar="FILE",
+                   help="start the student from this UNet state dict (.safetensors; a few-step model such as DMD2 or "
+                        "NitroSD, as the paper does); without it the init stage's one-step regression runs first")
+    p.add_argument("--teacher-unet", default=None, metavar="FILE",
+                   help="with --from: swap this UNet state dict in as the teacher (a fine-tune), like generate --unet")
+    p.add_argument("--smoke", action="store_true",
+                   help="every stage at minimal sizes (2 iterations, 4 cache pairs; micro-batches kept): an end-to-end "
+                        "check in minutes; use its own --work")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="exported student folder (default: models/default for shapes, outputs/tiny/model for tiny)")
+                   help="exported student folder (default: models/default for shapes, WORK/model otherwise)")
     p.add_argument("--work", default=None, metavar="DIR",
-                   help="stage folders, checkpoints and metrics (default: outputs/<recipe>)")
+                   help="stage folders, checkpoints and metrics (default: outputs/<recipe>; required with --from)")
     p.add_argument("--stage", action="append", choices=STAGES, metavar="STAGE",
                    help=f"run only this stage (repeatable; default all): {', '.join(STAGES)}")
     p.add_argument("--config", metavar="FILE", help="a train_config.json to start from instead of the recipe (or one KEY=VALUE override)")
@@ -25,16 +40,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set teacher.optim.steps=100 (repeatable)")
 
 
+def _path(value: str) -> str:
+    """Absolute when it names something here (train_config.json then records where it was); anything else (a
+    model id a later loader resolves) as given."""
+    p = Path(value).expanduser()
+    return str(p.resolve()) if p.exists() else value
+
+
 def resolve(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path]:
+    from .presets import smoke
+
     overrides = list(args.overrides)
     config_file = args.config
     if config_file and "=" in config_file and not Path(config_file).is_file():
         overrides.insert(0, config_file)  # `--config key=value` reads as an override too
         config_file = None
-    cfg = TrainConfig.load(config_file) if config_file else recipe(args.recipe)
+    flags = {"model": args.from_model, "prompts": args.prompts, "init_unet": args.init_unet,
+             "teacher_unet": args.teacher_unet}
+    cfg = TrainConfig.load(config_file) if config_file else recipe(args.recipe or ("pretrained" if args.from_model
+                                                                                    else "shapes"))
+    for key, value in flags.items():
+        if value:
+            setattr(cfg.source, key, _path(value))
+    if args.smoke:
+        cfg = smoke(cfg)  # before --set, so an override still wins
     cfg = apply_overrides(cfg, overrides)
-    work = Path(args.work) if args.work else REPO / "outputs" / cfg.recipe
-    default_out = REPO / "models" / "default" if cfg.recipe == "shapes" else work / "model"
+    src = cfg.source
+    if src.model and not src.prompts:
+        raise ValueError("--from needs --prompts FILE (one prompt a line) or a folder of image + caption pairs")
+    if not src.model and (src.prompts or src.teacher_unet):
+        raise ValueError(f"--{'prompts' if src.prompts else 'teacher-unet'} needs --from MODEL")
+    if src.model and not args.work:
+        raise ValueError("--from needs --work DIR (stages, checkpoints and metrics; a rerun resumes from it)")
+    # A smoke run never lands in a full run's folders (its stages would be marked done) or in models/default.
+    work = Path(args.work) if args.work else REPO / "outputs" / (cfg.recipe + ("-smoke" if args.smoke else ""))
+    shapes_default = cfg.recipe == "shapes" and not src.model and not args.smoke
+    default_out = REPO / "models" / "default" if shapes_default else work / "model"
     return cfg, work, Path(args.out) if args.out else default_out
 
 
@@ -50,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer", description="Train a NitroFusion student.")
     add_arguments(p)
     args = p.parse_args(argv)
+    from nitrofusion.errors import NitroError
+
     try:
         return run_from_args(args)
-    except ValueError as e:  # config errors: one line, as the rest of the CLI
+    except (ValueError, NitroError) as e:  # config and input errors: one line, as the rest of the CLI
         print(f"train: error: {e}", file=sys.stderr)
         return 2
 
@@ -67,7 +110,7 @@ def train_command(args: argparse.Namespace) -> int:
         raise NitroError(str(e)) from None
     from .recipe import run
 
-    run(cfg, work, out, args.stage)
+    run(cfg, work, out, args.stage)  # bad --from / --prompts / --init-unet / stages raise NitroError: one line
     return 0
 
 

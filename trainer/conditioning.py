@@ -58,9 +58,10 @@ class SDXLTextEncoder:
     micro-conditioning time ids (original size, crop (0, 0), target size) for the training resolution. The empty
     prompt is all zeros (SDXL base's `force_zeros_for_empty_prompt`): that is the unconditional heads' input."""
 
-    def __init__(self, tokenizers, encoders, image_size: int, device, zero_empty: bool = True):
+    def __init__(self, tokenizers, encoders, image_size: int, device, zero_empty: bool = True,
+                 max_cached: int | None = None):
         self.tokenizers, self.encoders, self.device = tokenizers, encoders, device
-        self.image_size, self.zero_empty = image_size, zero_empty
+        self.image_size, self.zero_empty, self.max_cached = image_size, zero_empty, max_cached
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
@@ -87,4 +88,6 @@ class SDXLTextEncoder:
         s = self.image_size
         emb = torch.stack([self._cache[p][0] for p in prompts])
         pooled = torch.stack([self._cache[p][1] for p in prompts])
+        while self.max_cached is not None and len(self._cache) > self.max_cached:  # oldest first
+            self._cache.pop(next(iter(self._cache)))
         return Conditioning.from_text(emb, pooled, [(s, s)] * len(prompts), "sdxl")

@@ -1,7 +1,8 @@
 """Every trainer knob in one dataclass tree, validated at construction and saved as JSON beside each checkpoint.
 
 `recipe("shapes")` is the CPU recipe for the bundled default model; `recipe("tiny")` is the same pipeline at
-toy sizes for tests and smoke runs. Overrides are dotted paths: `teacher.steps=200`, `nitro.pool.tasks=...`.
+toy sizes for tests; `recipe("pretrained")` the defaults for `--from MODEL` (trainer/presets.py holds the latter
+two and `smoke()`). Overrides are dotted paths: `teacher.steps=200`, `nitro.pool.tasks=...`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("autoencoder", "text", "teacher", "cache", "init", "nitro", "export", "preview")
+# The stages only the shapes source runs (it trains its own frozen components); every source runs the rest.
+SOURCE_STAGES = ("autoencoder", "text", "teacher")
+RECIPE_NAMES = ("shapes", "tiny", "pretrained")
+SOLVERS = ("dpmsolver++", "euler", "ddim", "lcm")
 TASKS = ("global_cond", "local_cond", "local_uncond")
 DISC_TIMESTEPS = (10, 250, 500, 750)
 
@@ -24,12 +29,14 @@ def _check(cond: bool, msg: str) -> None:
 @dataclass
 class DataConfig:
     # 64, not 128: measured on the 2-core CPU, the 128 recipe's teacher alone needs hours (README "Training").
+    # 0: the --from model's native size (1024 for SDXL, 512 for SD1.5), resolved when the model loads.
     image_size: int = 64
     seed: int = 0
     heldout_fraction: float = 0.1  # of (colour, shape, background) combinations, never trained on
 
     def __post_init__(self):
-        _check(self.image_size % 8 == 0 and self.image_size >= 32, "data.image_size must be a multiple of 8, >= 32")
+        _check(self.image_size == 0 or (self.image_size % 8 == 0 and self.image_size >= 32),
+               "data.image_size must be a multiple of 8, >= 32 (or 0: the model's native size)")
         _check(0 <= self.heldout_fraction < 0.5, "data.heldout_fraction must be in [0, 0.5)")
 
 
@@ -132,7 +139,13 @@ class TeacherConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     cond_dropout: float = 0.1  # empty prompt this often, for classifier-free guidance
     sample_steps: int = 25
-    guidance_scale: float = 3.0
+    guidance_scale: float = 3.0  # 1: no classifier-free guidance (one UNet call per step; distilled teachers)
+    # How the teacher samples its "real" x0 (stage 2's cache, stage 3's k-step targets): dpmsolver++ (2nd-order
+    # multistep), euler, ddim (trailing spacing) or lcm (a consistency/DMD2-style few-step teacher: x0, re-noise).
+    solver: str = "dpmsolver++"
+    # A few-step distilled teacher's own timesteps, e.g. [999, 749, 499, 249] for 4-step DMD2 (the paper's
+    # Realism teacher) with solver=lcm and guidance_scale=1; empty: `sample_steps` trailing-spaced steps.
+    timesteps: tuple[int, ...] = ()
     latent_pool: int = 12288  # dataset images VAE-encoded once and reused (0: encode every batch on the fly)
     gradient_checkpointing: bool = False
     # Constant lr to the end. `--set teacher.optim.decay_steps=1500` (the last 1500 decaying to 0) was measured on
@@ -143,16 +156,29 @@ class TeacherConfig:
                                                                    checkpoint_every=500))
 
     def __post_init__(self):
+        self.timesteps = tuple(self.timesteps)
         _check(0 <= self.cond_dropout < 1, "teacher.cond_dropout must be in [0, 1)")
         _check(1 <= self.sample_steps <= 1000, "teacher.sample_steps must be in [1, 1000]")
+        _check(self.solver in SOLVERS, f"teacher.solver must be one of {', '.join(SOLVERS)}")
+        _check(all(0 <= t < 1000 for t in self.timesteps) and list(self.timesteps) == sorted(self.timesteps)[::-1]
+               and len(set(self.timesteps)) == len(self.timesteps), "teacher.timesteps: distinct, descending, in [0, 1000)")
+        _check(not (self.timesteps and self.solver == "ddim"), "teacher.timesteps: not with solver=ddim (fixed spacing)")
 
 
 @dataclass
 class CacheConfig:
-    """Stage 2a: (noise, prompt) -> teacher x0 pairs, generated once; also the 'real' samples of stage 3."""
+    """Stage 2a: (noise, prompt) -> teacher x0 pairs, generated once into chunk files that the later stages read
+    memory-mapped, a batch of rows at a time (trainer/cache.py); also the 'real' samples of stage 3."""
 
-    num_pairs: int = 1024
-    batch_size: int = 64
+    num_pairs: int = 1024  # 0: one pair per prompt of the --prompts file
+    batch_size: int = 64  # pairs per chunk file (and per teacher sampling batch)
+    # Also store each pair's text conditioning (fp16) in its chunk, so later stages never run the text encoders
+    # and no per-prompt cache grows in memory. Off for the shapes recipe: its grammar's prompts are a bounded set
+    # encoded live, as the committed model was trained.
+    store_embeddings: bool = False
+
+    def __post_init__(self):
+        _check(self.num_pairs >= 0 and self.batch_size >= 1, "cache.num_pairs must be >= 0, cache.batch_size >= 1")
 
 
 @dataclass
@@ -296,8 +322,21 @@ class RunConfig:
 
 
 @dataclass
+class SourceConfig:
+    """Where the frozen components and prompts come from. Empty `model`: the shapes source (stages autoencoder,
+    text and teacher train them from scratch; prompts from the grammar). Else `nitrofusion train --from MODEL`:
+    the model's text encoders, VAE and UNet (the frozen teacher and the discriminator's backbone)."""
+
+    model: str = ""  # --from: a diffusers SDXL or SD1.x model (what `nitrofusion generate --model` loads)
+    prompts: str = ""  # --prompts: a text file (one prompt a line) or a folder of image + .txt caption pairs
+    teacher_unet: str = ""  # --teacher-unet: a UNet state dict swapped in as the teacher (a fine-tune)
+    init_unet: str = ""  # --init-unet: the student's start (a few-step UNet); else the init stage's regression
+
+
+@dataclass
 class TrainConfig:
     recipe: str = "shapes"
+    source: SourceConfig = field(default_factory=SourceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -307,6 +346,10 @@ class TrainConfig:
     nitro: NitroConfig = field(default_factory=NitroConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        _check(not (self.nitro.reg_multistep == "teacher" and self.teacher.solver == "ddim"),
+               "nitro.reg_multistep=teacher starts the teacher part-way: use teacher.solver dpmsolver++, euler or lcm")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -364,37 +407,14 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     return TrainConfig.from_dict(d)
 
 
-def _tiny() -> TrainConfig:
-    """Toy sizes: 32x32 images, 4x4 latents, a few steps per stage. For tests and smoke runs only."""
-    def opt(steps: int = 2, batch: int = 2, **kw) -> OptimConfig:
-        return OptimConfig(steps=steps, batch_size=batch, warmup=0, checkpoint_every=1, log_every=1, **kw)
-
-    return TrainConfig(
-        recipe="tiny",
-        data=DataConfig(image_size=32),
-        # 6 latent channels: neither SD's 4 nor the shapes recipe's 8, so a hard-coded channel count fails the smoke tests
-        autoencoder=AutoencoderConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, crop_size=16, latent_channels=6,
-                                      optim=opt()),
-        text=TextConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, max_length=24, optim=opt()),
-        teacher=TeacherConfig(unet=UNetConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4,
-                                              cross_attn=(False, True)), sample_steps=2, latent_pool=6,
-                              optim=opt(decay_steps=1)),
-        cache=CacheConfig(num_pairs=4, batch_size=2),
-        init=InitConfig(optim=opt()),
-        nitro=NitroConfig(pool=PoolConfig(heads_per_slot=2, head_channels=8, refresh_fraction=0.05),
-                          phase_steps=(1, 1), optim=opt(steps=0)),
-        preview=PreviewConfig(channels=4, blocks=(1, 0, 0, 0), pairs=4, eval_pairs=2, optim=opt(batch=2)),
-        run=RunConfig(device="cpu"),
-    )
-
-
-RECIPES = {"shapes": TrainConfig, "tiny": _tiny}
-
-
 def recipe(name: str) -> TrainConfig:
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}: choose from {', '.join(RECIPES)}")
-    return RECIPES[name]()
+    if name == "shapes":
+        return TrainConfig()
+    if name not in RECIPE_NAMES:
+        raise ValueError(f"unknown recipe {name!r}: choose from {', '.join(RECIPE_NAMES)}")
+    from .presets import PRESETS
+
+    return PRESETS[name]()
 
 
-__all__ = ["STAGES", "TASKS", "TrainConfig", "apply_overrides", "recipe"]
+__all__ = ["RECIPE_NAMES", "SOURCE_STAGES", "STAGES", "TASKS", "TrainConfig", "apply_overrides", "recipe"]

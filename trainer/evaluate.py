@@ -155,7 +155,8 @@ def train_ablations(cfg: TrainConfig, work: Path, log=print, names: list[str] | 
     whole schedule. All from the same init and seeds, into <work>/ablations/<name>/. Resumable like every stage.
     `names`: a subset (to spread the runs over processes)."""
     from .loop import make_accelerator
-    from .recipe import frozen_dirs, stage_dirs
+    from .recipe import stage_dirs
+    from .source import ShapesSource
     from .stage3 import train_nitro
 
     acc = make_accelerator(cfg.run)
@@ -170,7 +171,7 @@ def train_ablations(cfg: TrainConfig, work: Path, log=print, names: list[str] | 
             continue
         log(f"[eval] training ablation: {name} ({', '.join(overrides)})")
         sub = apply_overrides(cfg, overrides)
-        train_nitro(sub, folder, frozen_dirs(work), d["teacher"] / "unet", d["init"] / "unet", d["cache"], acc)
+        train_nitro(sub, folder, ShapesSource(sub, work), d["init"] / "unet", d["cache"], acc)
 
 
 def evaluate(cfg: TrainConfig, work: Path, model_dir: Path, n: int, ablations: bool, assets: Path,

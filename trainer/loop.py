@@ -79,6 +79,16 @@ def frozen_dtype(run: RunConfig, accelerator) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name, torch.float32)
 
 
+def tensorboard_writer(folder: Path):
+    """A TensorBoard SummaryWriter when tensorboard is installed (an optional extra), else None: metrics.csv is
+    always written, TensorBoard only when it can be."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
 def micro_contexts(accelerator, model, n: int):
     """Gradient accumulation over n micro-steps: skip DDP's all-reduce on all but the last backward."""
     for i in range(n):
@@ -97,6 +107,7 @@ class Stage:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.extra_state: dict[str, Any] = {}
         self._bar = None
+        self._tb = None  # the TensorBoard writer once opened; False when tensorboard is not installed
         self._t0 = time.monotonic()
         if self.acc.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -143,22 +154,38 @@ class Stage:
             for name, opt in self.optimizers.items():
                 torch.save(opt.state_dict(), tmp / f"{name}_optimizer.pt")
             torch.save(self.extra_state, tmp / "extra.pt")
+            self.cfg.save(tmp / "train_config.json")
+            # Written last: a checkpoint.tmp with a state.json is complete (what _recover_interrupted_save trusts).
             (tmp / "state.json").write_text(json.dumps({"stage": self.name, "step": self.step,
                                                         "world_size": self.acc.num_processes}) + "\n")
-            self.cfg.save(tmp / "train_config.json")
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             old = self.folder / "checkpoint.old"
+            shutil.rmtree(old, ignore_errors=True)  # left by a save killed while it deleted it
             if self.ckpt_dir.exists():
                 self.ckpt_dir.rename(old)
             tmp.rename(self.ckpt_dir)
             shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
 
+    def _recover_interrupted_save(self) -> None:
+        """A process killed between save_checkpoint's two renames leaves no checkpoint/: take the complete new one
+        (checkpoint.tmp with its state.json), else the previous one (checkpoint.old)."""
+        if (self.ckpt_dir / "state.json").is_file():
+            return
+        for candidate in (self.folder / "checkpoint.tmp", self.folder / "checkpoint.old"):
+            if (candidate / "state.json").is_file():
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+                candidate.rename(self.ckpt_dir)
+                return
+
     def load_checkpoint(self) -> bool:
         """Restore modules, optimizers, RNG and step if a checkpoint exists. Call before `accelerator.prepare`."""
         from safetensors.torch import load_file
 
+        if self.acc.is_main_process:
+            self._recover_interrupted_save()
+        self.acc.wait_for_everyone()
         state_file = self.ckpt_dir / "state.json"
         if not state_file.is_file():
             return False
@@ -202,7 +229,9 @@ class Stage:
 
             self._bar = tqdm(total=self.total, initial=self.step - 1, desc=self.name, dynamic_ncols=True)
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
-        self._bar.update(1)
+        # To the step, not +1: the cache stage's main process logs only its own chunks (1 in world_size) and skips
+        # chunks a killed run already wrote, so its bar and ETA follow the stage's step, not its own count.
+        self._bar.update(self.step - self._bar.n)
         every = self.log_every
         if force or self.step % every == 0 or self.step == self.total:
             path = self.folder / "metrics.csv"
@@ -213,11 +242,19 @@ class Stage:
                 if new:
                     w.writeheader()
                 w.writerow(row)
+            if self._tb is None:
+                self._tb = tensorboard_writer(self.folder / "tensorboard") or False
+            if self._tb:
+                for k, v in metrics.items():
+                    self._tb.add_scalar(f"{self.name}/{k}", v, self.step)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if self._tb:
+            self._tb.close()
+            self._tb = None
 
     def maybe_checkpoint(self, every: int) -> None:
         if self.step % every == 0 or self.step == self.total:

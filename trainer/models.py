@@ -105,14 +105,15 @@ def build_unet(cfg: UNetConfig, latent_size: int, cross_attention_dim: int, late
     )
 
 
-def train_scheduler():
+def train_scheduler(schedule: dict | None = None):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**NOISE_SCHEDULE, prediction_type="epsilon")
+    return DDPMScheduler(**(schedule or NOISE_SCHEDULE), prediction_type="epsilon")
 
 
-def alphas_cumprod() -> torch.Tensor:
-    return train_scheduler().alphas_cumprod.to(torch.float32)  # (1000,)
+def alphas_cumprod(schedule: dict | None = None) -> torch.Tensor:
+    """(T,) from a noise schedule (beta_* keys of a scheduler config); default SDXL's, the shapes recipe's."""
+    return train_scheduler(schedule).alphas_cumprod.to(torch.float32)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
@@ -129,9 +130,11 @@ class TextEncoderWrapper:
     """Tokenise + encode like the inference backend's SD1.x path: last hidden state, padded to max length.
     Returns a `Conditioning` with the embeddings only (SDXL's pooled + time ids: conditioning.SDXLTextEncoder)."""
 
-    def __init__(self, tokenizer, encoder, device):
+    def __init__(self, tokenizer, encoder, device, max_cached: int | None = None):
         self.tokenizer, self.encoder, self.device = tokenizer, encoder, device
+        # Per-prompt embeddings: unbounded for the shapes grammar (a few thousand prompts); a --from run bounds it.
         self._cache: dict[str, torch.Tensor] = {}
+        self.max_cached = max_cached
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]):
@@ -144,4 +147,12 @@ class TextEncoderWrapper:
             out = self.encoder(ids)[0].float()  # (B, L, D)
             for p, e in zip(missing, out):
                 self._cache[p] = e
-        return Conditioning(torch.stack([self._cache[p] for p in prompts]))  # (B, L, D)
+        emb = torch.stack([self._cache[p] for p in prompts])  # (B, L, D)
+        evict(self._cache, self.max_cached)
+        return Conditioning(emb)
+
+
+def evict(cache: dict, limit: int | None) -> None:
+    """Drop the oldest entries past `limit` (None: keep all)."""
+    while limit is not None and len(cache) > limit:
+        cache.pop(next(iter(cache)))

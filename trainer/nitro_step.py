@@ -38,9 +38,7 @@ class NitroNets:
     sampler: LCMSampler
     ema: torch.nn.Module | None = None  # torch.optim.swa_utils.AveragedModel of the student (nitro.ema_decay)
     teacher: torch.nn.Module | None = None  # the whole teacher, only for nitro.reg_multistep=teacher
-    text: object = None  # prompts -> Conditioning, for the teacher's k-step targets
-    teacher_steps: int = 0
-    guidance: float = 1.0
+    teacher_sampler: object = None  # stage1.TeacherSampler: the teacher's k-step targets
 
     @property
     def abar(self) -> torch.Tensor:
@@ -126,8 +124,6 @@ def generator_backward(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig
                        micro: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Gradients of adv_weight x the sampled heads' adversarial loss on the student's x0 (+ reg x the L2 anchor)
     into the student, micro-batch by micro-batch. Returns the detached fakes (B, C, h, w) and the mean losses."""
-    from .stage1 import sample_teacher
-
     acc = nets.accelerator
     multi = acc.num_processes > 1
     parts = micro_slices(len(batch), micro)
@@ -141,9 +137,9 @@ def generator_backward(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig
             if plan.reg and plan.steps > 1 and c.reg_multistep == "teacher":
                 # The teacher's answer for the student's own re-noised input: a well-posed k-step target.
                 level = nets.sampler.schedule(plan.steps, c.shift).levels[-1]
-                target = sample_teacher(nets.teacher, nets.text, mb.prompts, last_in,
-                                        max(2, round(nets.teacher_steps * level / 1000)), nets.guidance,
-                                        start=level).float()
+                ts = nets.teacher_sampler
+                target = ts(nets.teacher, mb.cond, mb.uncond, last_in, start=level,
+                            steps=max(2, round(ts.steps * level / 1000))).float()
             feats = encoder_features(nets.encoder, fake, plan.t_star, mb.cond, mb.uncond, plan.tasks, nets.abar,
                                      mb.g_views)
             # The heads are only judges here: run them outside DDP's gradient sync; their grads are dropped.

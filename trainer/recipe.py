@@ -1,7 +1,8 @@
 """Run the recipe's stages in order, each skipped when done and resumed when interrupted.
 
 Work folder layout (`--work`, default outputs/<recipe>):
-  autoencoder/vae  text/{tokenizer,text_encoder}  teacher/unet  cache/chunk_*.pt  init/unet  nitro/unet
+  autoencoder/vae  text/{tokenizer,text_encoder}  teacher/unet   (shapes source only)
+  cache/{chunk_*.pt,index.json}  init/unet  nitro/unet            (every source)
 each stage folder also holds checkpoint/ (while running), metrics.csv, train_config.json and DONE.
 The exported student goes to `--out` (default models/default for the shapes recipe); the last stage, preview,
 distils a tiny decoder into `<out>/vae_preview/` (trainer/preview_decoder.py, on the CPU, minutes).
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import STAGES, TrainConfig
+from .config import SOURCE_STAGES, STAGES, TrainConfig
 from .loop import make_accelerator
 
 
@@ -25,43 +26,48 @@ def frozen_dirs(work: Path) -> dict[str, Path]:
 
 
 def run(cfg: TrainConfig, work: Path, out: Path, stages: list[str] | None = None) -> Path | None:
-    """Run `stages` (default: all, in order). Returns the exported folder when export ran."""
+    """Run `stages` (default: all the source's, in order). Returns the exported folder when export ran.
+    The source (trainer/source.py) is made first, so bad input fails before any work; for `--from` it resolves
+    `data.image_size=0` to the model's native size in `cfg`."""
+    from nitrofusion.errors import NitroError
     from nitrofusion.models import quiet_libraries
 
-    from .export import export_student
-    from .stage0 import train_autoencoder, train_text
-    from .stage1 import train_teacher
+    from .source import make_source
     from .stage2 import build_cache, train_init
     from .stage3 import train_nitro
 
     quiet_libraries()
-    todo = list(STAGES) if not stages else stages
+    source = make_source(cfg, work)
+    todo = list(source.stages) if not stages else stages
     unknown = [s for s in todo if s not in STAGES]
     if unknown:
-        raise ValueError(f"unknown stage {unknown[0]!r}: choose from {', '.join(STAGES)}")
+        raise NitroError(f"unknown stage {unknown[0]!r}: choose from {', '.join(STAGES)}")
+    foreign = [s for s in todo if s not in source.stages]
+    if foreign:
+        raise NitroError(f"stage {foreign[0]!r} trains the shapes recipe's own components; with --from the stages "
+                         f"are {', '.join(source.stages)}")
     acc = make_accelerator(cfg.run)
     work, out = Path(work), Path(out)
-    d, fz = stage_dirs(work), frozen_dirs(work)
-    teacher_unet, init_unet, nitro_unet = d["teacher"] / "unet", d["init"] / "unet", d["nitro"] / "unet"
+    d = stage_dirs(work)
     exported = None
     for name in STAGES:  # always in pipeline order, whatever order they were asked in
         if name not in todo:
             continue
-        if name == "autoencoder":
-            train_autoencoder(cfg, d[name], acc)
-        elif name == "text":
-            train_text(cfg, d[name], acc)
-        elif name == "teacher":
-            train_teacher(cfg, d[name], fz, acc)
+        if name in SOURCE_STAGES:
+            source.train_stage(name, d[name], acc)
         elif name == "cache":
-            build_cache(cfg, d[name], fz, teacher_unet, acc)
+            build_cache(cfg, d[name], source, acc)
         elif name == "init":
-            train_init(cfg, d[name], fz, teacher_unet, d["cache"], acc)
+            if cfg.source.init_unet:  # the paper's setting: the student starts from a distilled few-step UNet
+                if acc.is_main_process:
+                    print(f"[init] skipped: the student starts from --init-unet {cfg.source.init_unet}", flush=True)
+                continue
+            train_init(cfg, d[name], source, d["cache"], acc)
         elif name == "nitro":
-            train_nitro(cfg, d[name], fz, teacher_unet, init_unet, d["cache"], acc)
+            train_nitro(cfg, d[name], source, d["init"] / "unet", d["cache"], acc)
         elif name == "export":
             if acc.is_main_process:
-                exported = export_student(cfg, out, nitro_unet, fz)
+                exported = source.export(d["nitro"] / "unet", out)
                 print(f"[export] wrote {exported}", flush=True)
             acc.wait_for_everyone()
         elif name == "preview":

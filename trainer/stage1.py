@@ -6,13 +6,14 @@ to "" `cond_dropout` of the time in training so the unconditional branch exists.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .conditioning import Conditioning, unet_kwargs
-from .config import TrainConfig
+from .config import TeacherConfig, TrainConfig
 from .loop import Stage, autocast, set_lr
 from .models import NOISE_SCHEDULE, TextEncoderWrapper, add_noise, alphas_cumprod, build_unet, count_params
 from .shapes import ShapesDataset
@@ -42,32 +43,75 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
-@torch.no_grad()
+@dataclass
+class TeacherSampler:
+    """How the teacher draws x0 (the cache's reals, stage 3's k-step targets): `solver` with classifier-free
+    guidance (guidance 1: one conditional call a step, as a distilled teacher is run), `steps` trailing-spaced
+    timesteps or a distilled teacher's own `timesteps`, on the model's noise `schedule`."""
+
+    steps: int
+    guidance: float
+    solver: str = "dpmsolver++"
+    timesteps: tuple[int, ...] = ()
+    schedule: dict = field(default_factory=lambda: dict(NOISE_SCHEDULE))
+
+    @classmethod
+    def from_config(cls, c: TeacherConfig, schedule: dict | None = None) -> TeacherSampler:
+        return cls(c.sample_steps, c.guidance_scale, c.solver, tuple(c.timesteps), dict(schedule or NOISE_SCHEDULE))
+
+    def scheduler(self):
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
+
+        common = {**self.schedule, "prediction_type": "epsilon", "timestep_spacing": "trailing"}
+        if self.solver == "dpmsolver++":
+            return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2)
+        if self.solver == "euler":
+            return EulerDiscreteScheduler(**common)
+        if self.solver == "ddim":
+            return DDIMScheduler(**common, clip_sample=False)  # latents are not in [-1, 1]
+        return LCMScheduler(**common)
+
+    @torch.no_grad()
+    def __call__(self, unet, cond: Conditioning, uncond: Conditioning, noise: torch.Tensor, start: int | None = None,
+                 steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """noise (B, C, h, w) N(0, I) -> x0 latents. `start`: begin from a partly noised x_start at that timestep
+        instead (`noise` is then x_start): `steps` evenly spaced timesteps from it down to 0, or the distilled
+        schedule's timesteps at or below it. `generator`: the LCM solver's re-noising."""
+        steps = steps or self.steps
+        sched = self.scheduler()
+        if self.timesteps:
+            ts = [t for t in self.timesteps if start is None or t <= start] or [start]
+            sched.set_timesteps(timesteps=ts, device=noise.device)
+        elif start is None:
+            sched.set_timesteps(steps, device=noise.device)
+        else:
+            if self.solver == "ddim":
+                raise ValueError("teacher.solver=ddim cannot start part-way (nitro.reg_multistep=teacher)")
+            sched.set_timesteps(timesteps=[round(start - i * (start + 1) / steps) for i in range(steps)],
+                                device=noise.device)
+        both_cond = unet_kwargs(Conditioning.cat([uncond, cond]))
+        if start is not None and self.solver == "euler":  # Euler runs on x / sqrt(abar): scale x_start to it
+            x = noise * (sched.sigmas[0] ** 2 + 1) ** 0.5
+        else:
+            x = noise * sched.init_noise_sigma
+        step_kwargs = {"generator": generator} if self.solver == "lcm" else {}
+        for t in sched.timesteps:
+            x_in = sched.scale_model_input(x, t)
+            if self.guidance == 1.0:
+                eps = unet(x_in, t, **unet_kwargs(cond)).sample
+            else:
+                both = unet(torch.cat([x_in, x_in]), t, **both_cond).sample
+                e_u, e_c = both.chunk(2)
+                eps = e_u + self.guidance * (e_c - e_u)
+            x = sched.step(eps, t, x, **step_kwargs).prev_sample
+        return x
+
+
 def sample_teacher(unet, text: TextEncoderWrapper, prompts: list[str], noise: torch.Tensor, steps: int,
                    guidance: float, start: int | None = None) -> torch.Tensor:
-    """DPM-Solver++ with classifier-free guidance; noise (B, 4, h, w) N(0, I) -> x0 latents. `start`: begin from
-    a partly noised x_start at that timestep instead (`noise` is then x_start), `steps` evenly spaced down to 0."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    sched = DPMSolverMultistepScheduler(**NOISE_SCHEDULE, prediction_type="epsilon", algorithm_type="dpmsolver++",
-                                        solver_order=2, timestep_spacing="trailing")
-    if start is None:
-        sched.set_timesteps(steps, device=noise.device)
-    else:
-        sched.set_timesteps(timesteps=[round(start - i * (start + 1) / steps) for i in range(steps)],
-                            device=noise.device)
+    """DPM-Solver++ with classifier-free guidance from prompts (`TeacherSampler` takes conditioning)."""
     cond = text(prompts)
-    both_cond = unet_kwargs(Conditioning.cat([text([""] * len(prompts)), cond]))
-    x = noise * sched.init_noise_sigma
-    for t in sched.timesteps:
-        if guidance == 1.0:
-            eps = unet(x, t, **unet_kwargs(cond)).sample
-        else:
-            both = unet(torch.cat([x, x]), t, **both_cond).sample
-            e_u, e_c = both.chunk(2)
-            eps = e_u + guidance * (e_c - e_u)
-        x = sched.step(eps, t, x).prev_sample
-    return x
+    return TeacherSampler(steps, guidance)(unet, cond, text([""] * len(prompts)), noise, start=start)
 
 
 POOL_OFFSET = 2 * 10**8  # dataset indices of the latent pool

@@ -21,15 +21,15 @@ import torch
 
 from nitrofusion.sampler import LCMSampler
 
-from .conditioning import expand
+from .cache import PairCache, cache_batch, conditioning_of
+from .conditioning import expand, to
 from .config import TrainConfig
 from .discriminator import FrozenEncoder, HeadPool
 from .loop import Stage, frozen_dtype, set_lr
 from .models import alphas_cumprod, count_params
 from .nitro_step import Batch, NitroNets, Plan, discriminator_step, draw_noises, generator_step, student_x0
 from .skeleton import StageJob, make_optimizer, run_stage
-from .stage1 import latent_pool, load_frozen
-from .stage2 import cache_batch, load_cache
+from .stage1 import TeacherSampler
 
 PHASE1_DIR = "unet_phase1"  # snapshot of the student when phase 1 (one-step training) ends
 __all__ = ["PHASE1_DIR", "NitroJob", "student_x0", "train_nitro"]
@@ -40,10 +40,9 @@ class NitroJob(StageJob):
 
     name = "nitro"
 
-    def __init__(self, cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], teacher_dir: Path,
-                 init_dir: Path, cache_dir: Path, accelerator):
+    def __init__(self, cfg: TrainConfig, folder: Path, source, init_dir: Path, cache_dir: Path, accelerator):
         super().__init__(cfg, folder, accelerator)
-        self.frozen_dirs, self.teacher_dir, self.init_dir, self.cache_dir = frozen_dirs, teacher_dir, init_dir, cache_dir
+        self.source, self.init_dir, self.cache_dir = source, init_dir, cache_dir
 
     @property
     def optim(self):
@@ -56,19 +55,23 @@ class NitroJob(StageJob):
     def build(self, stage: Stage) -> None:
         from diffusers import UNet2DConditionModel
 
+        from .source import student_from_file
+
         cfg, c, dev = self.cfg, self.cfg.nitro, self.acc.device
-        self.frozen = load_frozen(self.frozen_dirs, dev)
         dtype = frozen_dtype(cfg.run, self.acc)
-        self.teacher = UNet2DConditionModel.from_pretrained(
-            self.teacher_dir, **({} if dtype == torch.float32 else {"torch_dtype": dtype}))
+        self.frozen = self.source.frozen(dev, dtype, text_dtype=dtype)
+        self.teacher = self.frozen.teacher
         if c.gradient_checkpointing:  # the generator's gradient runs back through the encoder too
             self.teacher.enable_gradient_checkpointing()
         self.encoder = FrozenEncoder(self.teacher).to(dev)
         if c.reg_multistep == "teacher":  # the whole teacher (its decoder too) only where it makes k-step targets
             self.teacher.to(dev).eval().requires_grad_(False)
         torch.manual_seed(cfg.run.seed)
-        self.pool = HeadPool(c.pool, self.encoder.shapes(cfg.data.image_size // 8))
-        self.student = UNet2DConditionModel.from_pretrained(self.init_dir)
+        self.pool = HeadPool(c.pool, self.encoder.shapes(self.source.latent_size))
+        if cfg.source.init_unet:  # the paper's start: an already-distilled few-step UNet (DMD2, NitroSD, ...)
+            self.student = student_from_file(self.teacher, cfg.source.init_unet)
+        else:
+            self.student = UNet2DConditionModel.from_pretrained(self.init_dir)
         if c.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
         self.ema = None
@@ -92,22 +95,18 @@ class NitroJob(StageJob):
         student, opt_g, pool, opt_d = acc.prepare(self.student, self.opt_g, self.pool, self.opt_d)
         if self.ema is not None:
             self.ema.to(acc.device)
+        schedule = self.source.noise_schedule
         self.nets = NitroNets(acc, student, acc.unwrap_model(student), self.encoder, pool, acc.unwrap_model(pool),
-                              opt_g, opt_d, LCMSampler(alphas_cumprod()), self.ema, self.teacher, self.frozen["text"],
-                              cfg.teacher.sample_steps, cfg.teacher.guidance_scale)
+                              opt_g, opt_d, LCMSampler(alphas_cumprod(schedule)), self.ema, self.teacher,
+                              TeacherSampler.from_config(cfg.teacher, schedule))
         student.train()
         pool.train()
-        self.cache = load_cache(self.cache_dir)
-        self.reals = self.cache
-        if c.real == "data":  # the teacher stage's encoded dataset images (encoded now if that stage kept none)
-            if not cfg.teacher.latent_pool:
-                raise ValueError("nitro.real=data reads the teacher's latent pool: set teacher.latent_pool > 0")
-            from .shapes import ShapesDataset
-
-            data = ShapesDataset(cfg.data.image_size, cfg.data.seed, "train", cfg.data.heldout_fraction)
-            pool_lat = latent_pool(cfg, Path(self.teacher_dir).parent, self.frozen["vae"], data, acc)
-            self.reals = {"x0": pool_lat["latents"], "prompts": pool_lat["prompts"]}
-        self.uncond_1 = self.frozen["text"]([""])
+        self.cache = PairCache(self.cache_dir)
+        self.reals = None
+        if c.real == "data":  # dataset latents (shapes: the teacher stage's pool; --from: the --prompts images)
+            self.reals = self.source.real_pool(self.frozen, acc, self.cache_dir)
+        text = self.frozen.text
+        self.uncond_1 = to(self.cache.uncond, acc.device) if self.cache.uncond is not None else text([""])
 
     # -- one iteration --------------------------------------------------------------------------------
     def draw(self, stage: Stage, gen: torch.Generator) -> tuple[Plan, Batch]:
@@ -124,15 +123,16 @@ class NitroJob(StageJob):
         plan = Plan(t_star, heads, steps, reg, nets.raw_pool.tasks_of(heads))
         # Fakes start from fresh noise, or (reg_weight > 0) from cached teacher noises, whose samples are targets.
         b = c.optim.batch_size * c.optim.grad_accum
-        pair_noise, target, prompts = cache_batch(self.cache, gen, b)
-        noise = pair_noise.to(dev) if c.reg_weight else torch.randn(target.shape, generator=gen).to(dev)
-        if c.real == "data":
+        pairs = cache_batch(self.cache, gen, b)
+        target, prompts = pairs.x0, pairs.prompts
+        noise = pairs.noise.to(dev) if c.reg_weight else torch.randn(target.shape, generator=gen).to(dev)
+        if self.reals is not None:
             pick = torch.randint(len(self.reals["prompts"]), (b,), generator=gen)
             real, real_prompts = self.reals["x0"][pick], [self.reals["prompts"][i] for i in pick.tolist()]
         else:
             real, real_prompts = target, prompts
-        text = self.frozen["text"]
-        cond = text(prompts)
+        text = self.frozen.text
+        cond = conditioning_of(pairs, text, dev)
         batch = Batch(noise, target.to(dev), prompts, cond, real.to(dev),
                       cond if real_prompts is prompts else text(real_prompts), expand(self.uncond_1, b),
                       *draw_noises(gen, tuple(noise.shape), plan, c))
@@ -172,7 +172,6 @@ class NitroJob(StageJob):
             self.nets.raw_student.save_pretrained(self.folder / "unet_raw")
 
 
-def train_nitro(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], teacher_dir: Path, init_dir: Path,
-                cache_dir: Path, accelerator) -> Path:
-    """Output: folder/unet, the 1-4 step student."""
-    return run_stage(NitroJob(cfg, folder, frozen_dirs, teacher_dir, init_dir, cache_dir, accelerator))
+def train_nitro(cfg: TrainConfig, folder: Path, source, init_dir: Path, cache_dir: Path, accelerator) -> Path:
+    """Output: folder/unet, the 1-4 step student (from init_dir/, or cfg.source.init_unet when set)."""
+    return run_stage(NitroJob(cfg, folder, source, init_dir, cache_dir, accelerator))

@@ -1,0 +1,100 @@
+"""Recipes other than `shapes` (whose defaults are the dataclass defaults in config.py), and `--smoke`.
+
+`tiny`: the shapes pipeline at toy sizes, for tests. `pretrained`: the defaults for `nitrofusion train --from
+MODEL`, an SDXL or SD1.x model on GPUs. `smoke(cfg)`: any recipe cut to a few iterations and a handful of cache
+pairs, keeping its micro-batch sizes, so a full-size run's memory is checked too before a long job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .config import (
+    AutoencoderConfig,
+    CacheConfig,
+    DataConfig,
+    InitConfig,
+    NitroConfig,
+    OptimConfig,
+    PoolConfig,
+    PreviewConfig,
+    RunConfig,
+    TeacherConfig,
+    TextConfig,
+    TrainConfig,
+    UNetConfig,
+)
+
+
+def _tiny() -> TrainConfig:
+    """Toy sizes: 32x32 images, 4x4 latents, a few steps per stage. For tests and smoke runs only."""
+    def opt(steps: int = 2, batch: int = 2, **kw) -> OptimConfig:
+        return OptimConfig(steps=steps, batch_size=batch, warmup=0, checkpoint_every=1, log_every=1, **kw)
+
+    return TrainConfig(
+        recipe="tiny",
+        data=DataConfig(image_size=32),
+        # 6 latent channels: neither SD's 4 nor the shapes recipe's 8, so a hard-coded channel count fails the smoke tests
+        autoencoder=AutoencoderConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, crop_size=16, latent_channels=6,
+                                      optim=opt()),
+        text=TextConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, max_length=24, optim=opt()),
+        teacher=TeacherConfig(unet=UNetConfig(block_out_channels=(8, 16), attention_head_dim=4, norm_num_groups=4,
+                                              cross_attn=(False, True)), sample_steps=2, latent_pool=6,
+                              optim=opt(decay_steps=1)),
+        cache=CacheConfig(num_pairs=4, batch_size=2),
+        init=InitConfig(optim=opt()),
+        nitro=NitroConfig(pool=PoolConfig(heads_per_slot=2, head_channels=8, refresh_fraction=0.05),
+                          phase_steps=(1, 1), optim=opt(steps=0)),
+        preview=PreviewConfig(channels=4, blocks=(1, 0, 0, 0), pairs=4, eval_pairs=2, optim=opt(batch=2)),
+        run=RunConfig(device="cpu"),
+    )
+
+
+def _pretrained() -> TrainConfig:
+    """`--from MODEL` on GPUs. From the paper (docs/nitrofusion-method.md, "Training"): AdamW, micro-batch 5 x 20
+    accumulation (effective 100 on one card), a 480-head pool for SDXL's 10 feature levels (4 t* x 10 x 3 tasks x
+    4 replicas), 1% refresh, shift 250, the adversarial loss only (nitro.reg_weight 0), teacher samples as reals.
+    Choices where the paper gives none (not measured at this scale; README "Train your own NitroSD-style
+    student"): the learning rates, the iteration counts, DPM-Solver++ 25 steps at guidance 5 for an undistilled
+    teacher, the regression init's length when no --init-unet is given."""
+    return TrainConfig(
+        recipe="pretrained",
+        data=DataConfig(image_size=0),  # the model's native size
+        teacher=TeacherConfig(sample_steps=25, guidance_scale=5.0, latent_pool=4096),
+        cache=CacheConfig(num_pairs=0, batch_size=8, store_embeddings=True),
+        init=InitConfig(optim=OptimConfig(steps=2000, batch_size=4, grad_accum=4, lr=1e-5, warmup=100,
+                                          checkpoint_every=250),
+                        gradient_checkpointing=True),
+        nitro=NitroConfig(pool=PoolConfig(heads_per_slot=4, head_channels=64), phase_steps=(2000, 500, 500, 500),
+                          lr_disc=1e-4, reg_weight=0.0, gradient_checkpointing=True,
+                          optim=OptimConfig(steps=0, batch_size=5, grad_accum=20, lr=1e-6, warmup=100,
+                                            checkpoint_every=100)),
+    )
+
+
+PRESETS = {"tiny": _tiny, "pretrained": _pretrained}
+
+
+def _smoke_optim(o: OptimConfig, steps: int = 2) -> OptimConfig:
+    # The micro-batch stays: on a GPU the smoke run then also shows whether the full run's activations fit.
+    return replace(o, steps=steps, grad_accum=min(o.grad_accum, 2), warmup=0, decay_steps=min(o.decay_steps, 1),
+                   checkpoint_every=1, log_every=1)
+
+
+def smoke(cfg: TrainConfig) -> TrainConfig:
+    """`--smoke`: every stage runs two iterations (stage 3: one per bottom-up phase, so every step count runs),
+    the cache holds 4 pairs in 2 chunks, accumulation at most 2 micro-batches, torch on one CPU thread."""
+    d = TrainConfig.from_dict(cfg.to_dict())  # a copy
+    d.autoencoder.optim = _smoke_optim(d.autoencoder.optim)
+    d.text.optim = _smoke_optim(d.text.optim)
+    d.teacher.optim = _smoke_optim(d.teacher.optim)
+    d.teacher.latent_pool = min(d.teacher.latent_pool, 8)
+    d.cache.num_pairs, d.cache.batch_size = 4, 2
+    d.init.optim = _smoke_optim(d.init.optim)
+    d.nitro.optim = _smoke_optim(d.nitro.optim, steps=0)
+    d.nitro.snapshot_every = 0
+    d.nitro.phase_steps = (1,) * len(d.nitro.phase_steps)
+    # One CPU thread unless set: a smoke model is per-op overhead, and threads fighting over shared cores cost
+    # 16x (tiny SDXL --smoke on this 2-core CPU under load: 3 min 17 s with torch's default, 12 s with 1).
+    d.run.threads = d.run.threads or 1
+    return TrainConfig.from_dict(d.to_dict())  # validated again (NitroConfig recomputes its step total)
