@@ -159,7 +159,7 @@ def test_cli_from_run_resumes_after_sigkill(smoke_runs, tiny_dirs, tmp_path):
     prompts, runs = smoke_runs
     for s in ("cache", "init"):
         shutil.copytree(runs["sd"][0] / s, tmp_path / s)
-    args = [CLI, "train", "--from", str(tiny_dirs["sd"]), "--prompts", str(prompts), "--work", str(tmp_path),
+    args = [*CLI, "train", "--from", str(tiny_dirs["sd"]), "--prompts", str(prompts), "--work", str(tmp_path),
             "--smoke"]
     proc = subprocess.Popen(args + ["--set", "nitro.phase_steps=[100000]"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
