@@ -93,3 +93,13 @@ class ServerProcess:
             self.proc.kill()
             out, _ = self.proc.communicate()
         return out
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """A real CLI process failed the way users should see it: exit status 2, one line naming the problem."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("WARNING", "usage:", " "))]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]

@@ -17,9 +17,8 @@ from nitrofusion.single_file import SHIPPED_CONFIGS, load_tokenizer, read_keys
 from nitrofusion.sources import resolve_model, resolve_unet
 from nitrofusion.tiny import save_tiny_model, tiny_pipeline, tiny_unet
 
-from .helpers import run_cli
+from .helpers import assert_one_line_error, run_cli
 from .ldm_layout import write_single_file
-from .test_cli import _assert_one_line_error
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER = "fedcba9876543210fedcba9876543210fedcba98"
@@ -96,7 +95,7 @@ def test_absent_id_names_the_id_the_cache_and_the_command(tmp_path):
     cache = tmp_path / "empty-cache"
     proc = run_cli("generate", "--model", "nobody/nothing@v2", "--prompt", "x", "--out", tmp_path / "o.png",
                    env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
-    _assert_one_line_error(proc, "'nobody/nothing@v2'", str(cache), "hf download nobody/nothing --revision v2",
+    assert_one_line_error(proc, "'nobody/nothing@v2'", str(cache), "hf download nobody/nothing --revision v2",
                            "HF_HUB_OFFLINE unset")
     assert not cache.exists() or not any(cache.iterdir())  # looked, wrote nothing
 
@@ -208,7 +207,7 @@ def test_truncated_single_file_is_a_clear_error(single_files, tmp_path):
     with pytest.raises(ModelLoadError, match="truncated"):
         read_keys(cut)
     proc = run_cli("generate", "--model", cut, "--prompt", "x", "--out", tmp_path / "o.png")
-    _assert_one_line_error(proc, str(cut), "truncated or damaged")
+    assert_one_line_error(proc, str(cut), "truncated or damaged")
 
 
 def test_unet_only_file_as_model_points_at_unet(tmp_path):
