@@ -3,9 +3,9 @@ on the loaded model (size range, prompt tokens) are checked by the core and repo
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
 from nitrofusion.limits import MAX_PROMPT_CHARS, MAX_SEED, SIZE_MULTIPLE
 from nitrofusion.sampler import MAX_STEPS, MIN_STEPS
@@ -14,8 +14,23 @@ MAX_IMAGES = 4
 Prompt = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
 Steps = Field(1, description='denoising steps, 1-4, or "auto": the server picks between min_steps and max_steps '
                              "by load, aiming at its latency target (NITRO_LATENCY_TARGET_MS)")
-StepCount = Annotated[int, Field(ge=MIN_STEPS, le=MAX_STEPS)]
-StepsField = StepCount | Literal["auto"]
+
+
+def _steps(value: Any) -> int | str:
+    """1-4 or "auto". One validator (not a union of two types) so an error names `steps` itself, not a branch."""
+    if isinstance(value, str):
+        if value == "auto":
+            return value
+        raise ValueError(f'must be an integer {MIN_STEPS}-{MAX_STEPS} or "auto", got the string {value[:20]!r}')
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f'must be an integer {MIN_STEPS}-{MAX_STEPS} or "auto"')  # noqa: TRY004 - pydantic reports ValueError only
+    if not MIN_STEPS <= value <= MAX_STEPS:
+        raise ValueError(f"must be between {MIN_STEPS} and {MAX_STEPS}, got {value}")
+    return value
+
+
+StepsField = Annotated[Any, PlainValidator(_steps), WithJsonSchema(
+    {"oneOf": [{"type": "integer", "minimum": MIN_STEPS, "maximum": MAX_STEPS}, {"const": "auto"}]})]
 MinSteps = Field(MIN_STEPS, ge=MIN_STEPS, le=MAX_STEPS, description='with "steps": "auto", the fewest steps')
 MaxSteps = Field(MAX_STEPS, ge=MIN_STEPS, le=MAX_STEPS, description='with "steps": "auto", the most steps')
 Decoder = Field("full", description="full: the model's VAE decoder; fast: its tiny decoder (vae_preview/), "

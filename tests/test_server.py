@@ -17,8 +17,8 @@ BODY = {"prompt": "a red circle", "steps": 2, "seed": 1}
 
 
 @pytest.fixture(scope="module")
-def client(pipelines):
-    with in_process(fake_pipeline(pipelines, "sdxl")) as c:
+def client(_loaded_torch_pipelines):  # the session's models (fake_pipeline reads model and sampler only)
+    with in_process(fake_pipeline(_loaded_torch_pipelines, "sdxl")) as c:
         yield c
 
 

@@ -21,8 +21,8 @@ APP = "https://app.example"
 
 
 @pytest.fixture(scope="module")
-def client(pipelines):
-    with in_process(fake_pipeline(pipelines)) as c:
+def client(_loaded_torch_pipelines):  # the session's models (fake_pipeline reads model and sampler only)
+    with in_process(fake_pipeline(_loaded_torch_pipelines)) as c:
         yield c
 
 

@@ -26,14 +26,27 @@ AUTH = {"Authorization": f"Bearer {GOOD_KEY}"}
 CAP = 6
 
 
-@pytest.fixture(scope="module")
-def guarded(tiny_sd_dir):
-    """One server with short client timeouts, a small connection cap, API keys and a batch wait, for every test
-    here (in file order: the connection cap first, SIGTERM last)."""
+def _guarded_server(model_dir) -> LoggedServer:
+    """A server with short client timeouts, a small connection cap, API keys and a batch wait."""
     env = {"NITRO_API_KEYS": GOOD_KEY, "NITRO_HEADER_TIMEOUT": "1", "NITRO_BODY_TIMEOUT": "1",
            "NITRO_MAX_CONNECTIONS": str(CAP), "NITRO_BATCH_WAIT_MS": "2000"}
-    srv = LoggedServer("--model", tiny_sd_dir, "--device", "cpu", env=env)
+    srv = LoggedServer("--model", model_dir, "--device", "cpu", env=env)
     srv.wait_ready("/readyz")
+    return srv
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_sd_dir):
+    """One such server shared by the tests here (one start instead of one per test); they pass in any order."""
+    srv = _guarded_server(tiny_sd_dir)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def draining(tiny_sd_dir):
+    """A server of its own for the SIGTERM test, which ends it."""
+    srv = _guarded_server(tiny_sd_dir)
     yield srv
     srv.stop()
 
@@ -124,8 +137,8 @@ def test_api_keys_never_reach_the_log_and_request_ids_do(guarded):
     assert '"WebSocket /ws?[redacted]" [accepted]' in log and '"WebSocket /ws?[redacted]" 403' in log
 
 
-def test_sigterm_drains_in_flight_work_then_exits_0(guarded):
-    """Last in this module: it ends the server."""
+def test_sigterm_drains_in_flight_work_then_exits_0(draining):
+    guarded = draining
     results = {}
 
     def call(i):
