@@ -6,7 +6,7 @@ PORT   ?= 8000
 MODEL  ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv browser clean
+.PHONY: run test test-slow venv browser clean
 
 venv: $(STAMP)
 
@@ -29,8 +29,13 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not installed and not root: the web page test will be skipped"; fi; }
 
+# The suite without the tests marked slow (real training runs, DDP, full exports, the schemathesis fuzz): under
+# five minutes on a 2-core machine. `make test-slow` runs those; CI (.ci/run) runs both.
 test: $(STAMP) browser
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

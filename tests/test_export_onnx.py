@@ -172,6 +172,7 @@ def test_source_change_gives_a_new_cache_entry(tiny_dirs, tmp_path):
     assert hash_folder(copy) == before
 
 
+@pytest.mark.slow  # two real CLI processes and a full export (~20 s)
 def test_cli_export_folder_works_as_model(tiny_dirs, pipelines, tmp_path):
     out = tmp_path / "exported"
     r = run_cli("export", "--model", tiny_dirs["sd"], "--format", "onnx", "--out", out, "--precision", "fp32",

@@ -159,6 +159,7 @@ def test_single_file_gives_the_folders_image(single_files, family):
     assert load_pipeline(checkpoint, shift=500, device="cpu", backend="torch", config=folder).shift == 500
 
 
+@pytest.mark.slow  # a CLI process that exports to ONNX (~8 s)
 def test_single_file_from_the_cache_through_the_cli_default_backend(single_files, tmp_path, hub):
     """The CPU default (onnxruntime) exports the single file once; the cache entry records the name as given."""
     folder, checkpoint = single_files["sdxl"]

@@ -41,6 +41,7 @@ def test_two_process_cpu_ddp_runs_every_distributed_stage(tmp_path):
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+@pytest.mark.slow  # two training processes (~13 s)
 def test_two_process_from_run_shares_the_cache(tiny_sdxl_dir, tmp_path):
     """`--from` under torchrun: both ranks load the model, build the cache's chunks between them and read each
     other's chunks in the init and stage 3."""

@@ -153,6 +153,7 @@ def test_resume_of_a_from_run_matches_an_uninterrupted_one(smoke_runs, tiny_dirs
         torch.testing.assert_close(students[0][k], students[1][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow  # a real training process killed and resumed (~13 s)
 def test_cli_from_run_resumes_after_sigkill(smoke_runs, tiny_dirs, tmp_path):
     """A real `nitrofusion train --from` process killed mid-stage picks up from its last checkpoint; the stages
     it had finished are not rerun."""

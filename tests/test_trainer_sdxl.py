@@ -200,6 +200,7 @@ def test_benchmark_search_finds_the_largest_batch_that_fits_and_survives_out_of_
     assert rows[0]["s_per_iter"] == pytest.approx(0.8 + 0.01 + 0.4)
 
 
+@pytest.mark.slow  # a whole --smoke run in a process (~12 s)
 def test_from_smoke_benchmark_runs_tiny_on_the_cpu(tmp_path):
     """bench/train_from_smoke.py --tiny: every stage of `train --from --smoke` and one image from the export."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_from_smoke.py"), "--tiny", "--dir",
