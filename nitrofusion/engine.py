@@ -298,6 +298,8 @@ class Engine:
                     for r in job.rows:
                         self._progress(r, r.image, final=True)
                 job.future.set_result([r.image for r in job.rows])
+                if job.auto_steps is not None and job.predicted_s is not None:
+                    self.policy.observe_latency(job.predicted_s, now - job.enqueued_at)
                 self.observer.finished(job, now - job.enqueued_at, len(job.rows))
         self.scheduler.remove(jobs)
 

@@ -47,6 +47,9 @@ class StepPolicy:
     alpha: float = 0.2
     iteration_s: dict[int, MovingAverage] = field(default_factory=dict)  # per bucket
     decode_s: dict[int, MovingAverage] = field(default_factory=dict)  # per decoded batch size
+    # actual minus predicted latency of finished auto requests: what the model above misses (requests of other
+    # sizes in between, text encoding, the event loop) is added back to every prediction
+    error_s: MovingAverage = field(default_factory=MovingAverage)
 
     def __post_init__(self) -> None:
         if self.target_s is not None and self.target_s <= 0:
@@ -58,6 +61,11 @@ class StepPolicy:
 
     def observe_decode(self, images: int, seconds: float) -> None:
         self.decode_s.setdefault(images, MovingAverage(self.alpha)).add(seconds)
+
+    def observe_latency(self, predicted_s: float, actual_s: float) -> None:
+        """A finished auto request: how far off its prediction was (feeds the correction in `predict`)."""
+        self.error_s.alpha = self.alpha
+        self.error_s.add(actual_s - predicted_s)
 
     # -- estimates ---------------------------------------------------------------------------------
     @staticmethod
@@ -88,7 +96,7 @@ class StepPolicy:
         wait_iterations = math.ceil(row_steps_ahead * overflow / max(1, rows_ahead) / self.max_batch) \
             if overflow else 0
         decode = self._estimate(self.decode_s, images) or 0.0
-        return (wait_iterations + steps) * per_iteration + decode
+        return max(0.0, (wait_iterations + steps) * per_iteration + decode + (self.error_s.value or 0.0))
 
     def choose(self, min_steps: int, max_steps: int, rows_ahead: int, row_steps_ahead: int,
                images: int = 1) -> Choice:

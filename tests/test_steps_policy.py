@@ -73,3 +73,17 @@ def test_moving_average_and_bad_arguments():
         policy().choose(3, 2, 0, 0)
     with pytest.raises(ValueError, match="greater than 0"):
         StepPolicy(0, max_batch=1, buckets=(1,))
+
+
+def test_prediction_errors_are_learned():
+    """Requests that keep finishing later than predicted (work the model does not see) make later choices
+    more careful; ones that finish early make them bolder again."""
+    p = policy(target_ms=300, step_ms=50)
+    assert p.choose(1, 4, 0, 0).steps == 4  # 200 ms predicted
+    for _ in range(30):
+        p.observe_latency(predicted_s=0.2, actual_s=0.35)  # 150 ms late, every time
+    c = p.choose(1, 4, 0, 0)
+    assert c.steps == 3 and c.predicted_s == pytest.approx(0.3, abs=0.01)
+    for _ in range(60):
+        p.observe_latency(predicted_s=0.3, actual_s=0.2)
+    assert p.choose(1, 4, 0, 0).steps == 4
