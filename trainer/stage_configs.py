@@ -1,0 +1,297 @@
+"""The per-stage sections of the trainer's config (trainer/config.py assembles them into TrainConfig and
+re-exports them): data, optimiser, the autoencoder, text encoder, teacher, cache, init, NitroFusion and preview
+stages. Each dataclass validates itself at construction with a message that says how to fix the value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SOLVERS = ("dpmsolver++", "euler", "ddim", "lcm")
+TASKS = ("global_cond", "local_cond", "local_uncond")
+DISC_TIMESTEPS = (10, 250, 500, 750)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class DataConfig:
+    # 64, not 128: measured on the 2-core CPU, the 128 recipe's teacher alone needs hours (README "Training").
+    # 0: the --from model's native size (1024 for SDXL, 512 for SD1.5), resolved when the model loads.
+    image_size: int = 64
+    seed: int = 0
+    heldout_fraction: float = 0.1  # of (colour, shape, background) combinations, never trained on
+
+    def __post_init__(self):
+        _check(self.image_size == 0 or (self.image_size % 8 == 0 and self.image_size >= 32),
+               "data.image_size must be a multiple of 8, >= 32 (or 0: the model's native size)")
+        _check(0 <= self.heldout_fraction < 0.5, "data.heldout_fraction must be in [0, 0.5)")
+
+
+@dataclass
+class OptimConfig:
+    """One training loop: steps, batch, AdamW, accumulation, checkpoint cadence."""
+
+    steps: int = 1000
+    batch_size: int = 32  # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: int = 100
+    # Warm-up, stable, decay: the last `decay_steps` steps take the lr down to 0 along a half cosine (0: constant
+    # to the end; more than `steps` decays the whole run). The decayed end state averages out the constant-lr
+    # noise in the weights, as an EMA would.
+    decay_steps: int = 0
+    grad_clip: float = 1.0
+    # "adamw8bit": bitsandbytes' 8-bit AdamW (optional install) for the trained network; what lets an SDXL student
+    # with its optimizer state fit beside the frozen teacher encoder on one card.
+    optimizer: str = "adamw"
+    checkpoint_every: int = 200
+    log_every: int = 10
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)  # JSON gives a list
+        _check(self.steps >= 0, "steps must be >= 0")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
+        _check(self.lr > 0, "lr must be > 0")
+        _check(self.decay_steps >= 0, "decay_steps must be >= 0")
+        _check(self.optimizer in ("adamw", "adamw8bit"), "optim.optimizer must be adamw or adamw8bit")
+        _check(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
+
+
+@dataclass
+class AutoencoderConfig:
+    """Stage 0a: AutoencoderKL, 8x down (four blocks), trained on dataset images (L1 + L2 + tiny KL)."""
+
+    block_out_channels: tuple[int, ...] = (8, 16, 32, 64)  # thin at full resolution: that is where FLOPs go
+    layers_per_block: int = 1
+    # 8 was tried (2026-11-26): reconstructions 81% vs 76.5% through the detector, but the teacher trained on those
+    # latents fell from 67% to 18% alignment (README, 'What limits it'). 4 stays.
+    latent_channels: int = 4
+    # 2 groups, not 8: with one channel per group GroupNorm erases a flat region's colour (each channel is
+    # normalised to zero over the image), and the autoencoder could not learn the background (measured).
+    norm_num_groups: int = 2
+    mid_attention: bool = False  # without it the network is fully convolutional, so crop training is exact
+    kl_weight: float = 1e-6
+    crop_size: int = 32  # train on random crops of this side (4x cheaper than 64x64 for the same steps); 0 = off
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=4000, batch_size=32, lr=2e-3, warmup=50,
+                                                                   checkpoint_every=500))
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        _check(len(self.block_out_channels) == 4, "autoencoder.block_out_channels needs 4 entries (8x down)")
+        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               "autoencoder.block_out_channels must be multiples of norm_num_groups")
+        _check(self.crop_size % 8 == 0 and self.crop_size >= 0, "autoencoder.crop_size: a multiple of 8 (0 = off)")
+
+
+@dataclass
+class TextConfig:
+    """Stage 0b: CLIP text encoder over a byte-level BPE tokenizer whose merges spell the grammar's words.
+
+    Trained by attribute probing: linear heads on the pooled (EOS) state predict size, colour, fill, shape,
+    position and background. Any other text still tokenises, byte by byte.
+    """
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = 32
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=600, batch_size=64, lr=1e-3, warmup=50))
+
+    def __post_init__(self):
+        _check(self.hidden_size % self.num_heads == 0, "text.hidden_size must be divisible by text.num_heads")
+        _check(self.max_length >= 24, "text.max_length must be >= 24 (the longest grammar prompt is ~16 tokens)")
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 16  # block widths must be multiples of it
+    cross_attn: tuple[bool, ...] = (False, True, True)  # per down block (up blocks mirror it)
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        self.cross_attn = tuple(self.cross_attn)
+        _check(len(self.cross_attn) == len(self.block_out_channels), "unet.cross_attn needs one flag per block")
+
+
+@dataclass
+class TeacherConfig:
+    """Stage 1: epsilon-prediction diffusion (SDXL's scaled_linear betas), sampled with DPM-Solver++."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    cond_dropout: float = 0.1  # empty prompt this often, for classifier-free guidance
+    sample_steps: int = 25
+    guidance_scale: float = 3.0  # 1: no classifier-free guidance (one UNet call per step; distilled teachers)
+    # How the teacher samples its "real" x0 (stage 2's cache, stage 3's k-step targets): dpmsolver++ (2nd-order
+    # multistep), euler, ddim (trailing spacing) or lcm (a consistency/DMD2-style few-step teacher: x0, re-noise).
+    solver: str = "dpmsolver++"
+    # A few-step distilled teacher's own timesteps, e.g. [999, 749, 499, 249] for 4-step DMD2 (the paper's
+    # Realism teacher) with solver=lcm and guidance_scale=1; empty: `sample_steps` trailing-spaced steps.
+    timesteps: tuple[int, ...] = ()
+    latent_pool: int = 12288  # dataset images VAE-encoded once and reused (0: encode every batch on the fly)
+    gradient_checkpointing: bool = False
+    # Constant lr to the end. `--set teacher.optim.decay_steps=1500` (the last 1500 decaying to 0) was measured on
+    # this CPU (2026-11-26, the whole recipe from the same autoencoder, 400 eval prompts each): teacher alignment
+    # 63.0% -> 65.8% and the 1-step student 57.2% -> 59.8%, but the student's shapes-FID 86.8 -> 96.7 (the teacher's
+    # 96.2 -> 102.1). Not adopted: README, 'What limits it'.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=8000, batch_size=32, lr=3e-4,
+                                                                   checkpoint_every=500))
+
+    def __post_init__(self):
+        self.timesteps = tuple(self.timesteps)
+        _check(0 <= self.cond_dropout < 1, "teacher.cond_dropout must be in [0, 1)")
+        _check(1 <= self.sample_steps <= 1000, "teacher.sample_steps must be in [1, 1000]")
+        _check(self.solver in SOLVERS, f"teacher.solver must be one of {', '.join(SOLVERS)}")
+        _check(all(0 <= t < 1000 for t in self.timesteps) and list(self.timesteps) == sorted(self.timesteps)[::-1]
+               and len(set(self.timesteps)) == len(self.timesteps), "teacher.timesteps: distinct, descending, in [0, 1000)")
+        _check(not (self.timesteps and self.solver == "ddim"), "teacher.timesteps: not with solver=ddim (fixed spacing)")
+
+
+@dataclass
+class CacheConfig:
+    """Stage 2a: (noise, prompt) -> teacher x0 pairs, generated once into chunk files that the later stages read
+    memory-mapped, a batch of rows at a time (trainer/cache.py); also the 'real' samples of stage 3."""
+
+    num_pairs: int = 1024  # 0: one pair per prompt of the --prompts file
+    batch_size: int = 64  # pairs per chunk file (and per teacher sampling batch)
+    # Also store each pair's text conditioning (fp16) in its chunk, so later stages never run the text encoders
+    # and no per-prompt cache grows in memory. Off for the shapes recipe: its grammar's prompts are a bounded set
+    # encoded live, as the committed model was trained.
+    store_embeddings: bool = False
+
+    def __post_init__(self):
+        _check(self.num_pairs >= 0 and self.batch_size >= 1, "cache.num_pairs must be >= 0, cache.batch_size >= 1")
+
+
+@dataclass
+class InitConfig:
+    """Stage 2b: one-step initialisation by regression of the student's one-step x0 on the teacher's x0."""
+
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=600, batch_size=32, lr=1e-4, warmup=20))
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class PoolConfig:
+    """The discriminator head pool (paper Sec. 3.2). Ablations are switches here."""
+
+    timesteps: tuple[int, ...] = DISC_TIMESTEPS  # t*: each head is an expert for one
+    tasks: tuple[str, ...] = TASKS  # global-only ablation: ("global_cond",); cond-only: drop local_uncond
+    # Heads per (t*, feature level, task); pool = |t*| x levels x |tasks| x this. 1 for the shapes recipe: a head
+    # is trained only when its t* is drawn (1/4 of iterations) and its replica sampled (1/this), while 1% of the
+    # pool is reset every iteration; with 4 replicas a head saw ~7 updates before its reset and the pool stayed
+    # at chance (loss_d 1.396 = 2 ln 2 after 100 iterations, measured). With 1 it sees ~20.
+    heads_per_slot: int = 1
+    single_head: bool = False  # ablation: one head (mid-block features, global, conditional) for every t*
+    refresh_fraction: float = 0.01  # share of the whole pool re-initialised every iteration (0: no refresh)
+    crop_fraction: float = 0.5  # local heads read random crops of this side (in latent pixels), own encoder pass
+    head_channels: int = 32
+    min_map: int = 2  # heads stride down to this side before the 1x1 logit conv
+
+    def __post_init__(self):
+        self.timesteps = tuple(self.timesteps)
+        self.tasks = tuple(self.tasks)
+        _check(all(0 <= t < 1000 for t in self.timesteps) and self.timesteps, "nitro.pool.timesteps in [0, 1000)")
+        _check(bool(self.tasks) and all(t in TASKS for t in self.tasks), f"nitro.pool.tasks: choose from {TASKS}")
+        _check(self.heads_per_slot >= 1, "nitro.pool.heads_per_slot must be >= 1")
+        _check(0 <= self.refresh_fraction < 1, "nitro.pool.refresh_fraction must be in [0, 1)")
+        _check(0 < self.crop_fraction <= 1, "nitro.pool.crop_fraction must be in (0, 1]")
+
+
+@dataclass
+class NitroConfig:
+    """Stage 3: dynamic adversarial training, then bottom-up refinement for 2, 3, 4 steps."""
+
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    loss: str = "softplus"  # or "hinge"
+    shift: int = 250  # timestep shift S; saved as `shifted_timestep` in the student's scheduler config
+    # Bottom-up: iterations spent with max steps 1, 2, 3, 4. In phase k each iteration draws its step count
+    # uniformly from 1..k, runs the first steps without grad and trains the last (re-noised own output).
+    phase_steps: tuple[int, ...] = (500, 150, 150, 150)
+    lr_disc: float = 1e-3
+    disc_steps: int = 1  # discriminator updates per generator update
+    # What the heads call real. "teacher": the cached teacher samples (the paper: no real images). "data": the
+    # teacher stage's pre-encoded dataset latents (teacher/latent_pool.pt), for when the data exists and the
+    # teacher's samples cap quality.
+    real: str = "teacher"
+    # Generator loss = adv_weight * adversarial + reg_weight * L2, the L2 term pulling the student's output from a
+    # cached teacher noise toward that noise's teacher sample (the init's own objective). The paper is adversarial
+    # only (reg_weight 0). On the shapes recipe its discriminator pool stays near chance (loss_d ~ 2 ln 2) and the
+    # student drifts away from the init (1-step FID 49.5 -> 104 after 500 iterations); with the L2 anchor and a
+    # 2.5x learning rate it improves on the init (46.1 at 500). Measured on an H100: bench/nitro_sweep.py,
+    # BENCHMARKS.md "Stage-3 sweep". adv_weight=0 is the control: the L2 term alone, no discriminator signal.
+    adv_weight: float = 1.0
+    reg_weight: float = 10.0
+    # The L2 term on k-step iterations (k > 1). "off": none. "sample": against the cached teacher sample of the
+    # starting noise; a k-step output depends on the fresh noise of each re-noising, so that sample is not its
+    # target, and pulling it there cost the 1-step student 10 FID during phases 2-4 (46.2 -> 56.9, measured on
+    # this CPU). "teacher": against the teacher's own DPM-Solver sample from the student's last-step input (a
+    # well-posed target, +40% stage time): multi-step alignment rose (4 steps 53.4% -> 63.6%, FID 40.1 -> 41.7)
+    # but the 1-step student fell to FID 50.1 from 38.4, behind its init (this CPU, 2,000 images, 2026-11-26).
+    # The issue's targets are at 1 step, so the default is off.
+    reg_multistep: str = "off"
+    snapshot_every: int = 0  # also save the student as unet_step<N>/ every N iterations (0: never); for sweeps
+    # Student and (its gradient runs back through it) the frozen teacher encoder recompute activations in backward.
+    gradient_checkpointing: bool = False
+    # > 0: keep an exponential moving average of the student (torch AveragedModel, updated every optimizer step),
+    # saved as nitro/unet (the trained weights as nitro/unet_raw). 0: off, the shapes recipe's choice.
+    ema_decay: float = 0.0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=0, batch_size=16, lr=5e-5, warmup=0))
+
+    def __post_init__(self):
+        self.phase_steps = tuple(self.phase_steps)
+        _check(self.loss in ("softplus", "hinge"), "nitro.loss must be 'softplus' or 'hinge'")
+        _check(0 < self.shift <= 1000, "nitro.shift must be in (0, 1000]")
+        _check(self.real in ("teacher", "data"), "nitro.real must be 'teacher' or 'data'")
+        _check(self.reg_weight >= 0 and self.adv_weight >= 0, "nitro.reg_weight and nitro.adv_weight must be >= 0")
+        _check(self.reg_weight + self.adv_weight > 0, "nitro: adv_weight and reg_weight cannot both be 0")
+        _check(self.snapshot_every >= 0, "nitro.snapshot_every must be >= 0")
+        _check(0 <= self.ema_decay < 1, "nitro.ema_decay must be in [0, 1)")
+        _check(self.reg_multistep in ("off", "sample", "teacher"), "nitro.reg_multistep: off, sample or teacher")
+        _check(1 <= len(self.phase_steps) <= 4, "nitro.phase_steps: 1 to 4 entries (max steps 1..4)")
+        self.optim.steps = sum(self.phase_steps)  # total iterations; the phases decide the step count
+
+    def max_steps_at(self, iteration: int) -> int:
+        """Which bottom-up phase (1-4) an iteration belongs to."""
+        end = 0
+        for k, n in enumerate(self.phase_steps, start=1):
+            end += n
+            if iteration < end:
+                return k
+        return len(self.phase_steps)
+
+
+@dataclass
+class PreviewConfig:
+    """Stage 4 (trainer/preview_decoder.py): an AutoencoderTiny decoder distilled from the model's own VAE decoder
+    into `<model>/vae_preview/`, for previews and `decoder: fast`. It reads UNet-space latents (what preview() gets)."""
+
+    # Uniform width (DecoderTiny cannot change width between stages) and blocks per resolution, 8x8 -> 64x64: 0.4x
+    # the full decoder's FLOPs (the full one is only 8 wide at 64x64 already). A block at 64x64 matters: without
+    # one, the last two convs have no nonlinearity between them and edges blur. Measured on this CPU (2026-11-30,
+    # 1800 steps; PSNR vs the full decoder on held-out / the student's 1-step latents; detector alignment of the
+    # student's 128 eval images, full decoder 63.3%): 16 wide (2, 2, 1, 0), 51 MFLOP: 24.4 / 23.9 dB, 40.6%;
+    # 12 wide (2, 2, 2, 1), 70 MFLOP: 24.3 / 24.0 dB, 48.4%; 16 wide (1, 1, 1, 1), 104 MFLOP: 25.0 / 24.3 dB, 46.9%.
+    # lr 5e-3 beat 2e-3 (21.1 vs 20.3 dB at 150 steps); 600 steps instead of 1800 cost 1.9 dB.
+    channels: int = 12
+    blocks: tuple[int, ...] = (2, 2, 2, 1)
+    pairs: int = 2048  # training latents from dataset images; half of them perturbed (below)
+    # Perturbed half: + N(0, s^2), s ~ U(0, noise), in UNet space, with the full decoder's image of the perturbed
+    # latent as target: previews decode predicted x0, which sits near but not on the encoder's latents.
+    noise: float = 0.5
+    eval_pairs: int = 256  # held-out-split latents for the recorded quality numbers
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=1800, batch_size=16, lr=5e-3, warmup=20,
+                                                                   decay_steps=1800, log_every=300))
+
+    def __post_init__(self):
+        self.blocks = tuple(self.blocks)
+        _check(self.channels >= 1 and all(b >= 0 for b in self.blocks), "preview.channels >= 1, blocks >= 0")
+        _check(self.pairs >= 2 and self.eval_pairs >= 1 and self.noise >= 0, "preview: pairs >= 2, eval_pairs >= 1")
