@@ -104,6 +104,11 @@ def test_eval_cli_writes_report_grids_and_curves_and_student_rows_match_generate
         assert expected in names, (expected, names)
     assert any(n.startswith("teacher (2 steps") for n in names)
     assert re.search(r"1-step alignment >= 95%: \*\*[\d.]+%\*\*", text)
+    # Every row's alignment and shapes-FID carry their bootstrap interval: `63.0% [60.9, 65.1]`, `38.35 [..]`.
+    for line in rows:
+        cells = line.split(" | ")
+        assert re.fullmatch(r"[\d.]+% \[[\d.]+, [\d.]+\]", cells[1]), line
+        assert re.fullmatch(r"[\d.]+ \[[\d.]+, [\d.]+\]", cells[8]), line
     from PIL import Image
 
     for png in ["samples_dataset.png", "samples_nitrofusion_1_step.png"]:  # 8 images of 32 px in a row, 2x

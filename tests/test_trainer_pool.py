@@ -155,3 +155,18 @@ def test_a_head_on_a_small_map_learns_a_level_difference():
         loss.backward()
         opt.step()
     assert loss.item() < 1.0  # chance is 2 ln 2 = 1.386
+
+
+def test_head_losses_sum_or_average_and_accuracy_counts_the_right_side_of_zero():
+    """nitro.pool.reduce: "sum" is the heads' count times "mean" (the generator's adversarial term grows with the
+    subset); the heads' accuracy is the share of real logits > 0 and of fake logits < 0, each head weighing the same."""
+    from trainer.discriminator import head_accuracy
+
+    gen = torch.Generator().manual_seed(0)
+    real = {i: torch.randn((4, 1, 2, 2), generator=gen) for i in range(3)}
+    fake = {i: torch.randn((4, 1, 2, 2), generator=gen) for i in range(3)}
+    for kind in ("softplus", "hinge"):
+        assert g_loss(fake, kind, "sum").item() == pytest.approx(3 * g_loss(fake, kind).item(), rel=1e-6)
+        assert d_loss(real, fake, kind, "sum").item() == pytest.approx(3 * d_loss(real, fake, kind).item(), rel=1e-6)
+    ones = {0: torch.ones((2, 1, 2, 2)), 1: -torch.ones((2, 1, 1, 1))}  # one head right everywhere, one wrong
+    assert head_accuracy(ones, {0: -torch.ones((2, 1, 2, 2)), 1: -torch.ones((2, 1, 1, 1))}) == (0.5, 1.0)

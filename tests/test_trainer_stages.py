@@ -34,6 +34,18 @@ def tiny_run(tmp_path_factory):
     return cfg, root / "work", exported
 
 
+def test_stage3_logs_the_heads_accuracy_on_reals_and_fakes(tiny_run):
+    """Every stage-3 row of metrics.csv carries the sampled heads' accuracy: the share of real logits > 0 and of
+    fake logits < 0, each a fraction in [0, 1] (what says whether the pool learns; 0.5 is chance)."""
+    import csv
+
+    _, work, _ = tiny_run
+    rows = list(csv.DictReader((work / "nitro" / "metrics.csv").open()))
+    assert rows and {"acc_real", "acc_fake", "loss_d"} <= set(rows[0])
+    for r in rows:
+        assert 0.0 <= float(r["acc_real"]) <= 1.0 and 0.0 <= float(r["acc_fake"]) <= 1.0, r
+
+
 def copy_stages(src: Path, dst: Path, names: list[str]) -> None:
     for n in names:
         shutil.copytree(src / n, dst / n)

@@ -268,17 +268,32 @@ def encoder_features(encoder: FrozenEncoder, x0: torch.Tensor, t_star: int, cond
     return feats
 
 
-def d_loss(real: dict[int, torch.Tensor], fake: dict[int, torch.Tensor], kind: str) -> torch.Tensor:
-    """Mean over sampled heads of the per-head loss (mean over the logit map)."""
+def _combine(terms: list[torch.Tensor], reduce: str) -> torch.Tensor:
+    stacked = torch.stack(terms)
+    return stacked.sum() if reduce == "sum" else stacked.mean()
+
+
+def d_loss(real: dict[int, torch.Tensor], fake: dict[int, torch.Tensor], kind: str,
+           reduce: str = "mean") -> torch.Tensor:
+    """Mean (or sum, nitro.pool.reduce) over sampled heads of the per-head loss (mean over the logit map)."""
     terms = []
     for i, r in real.items():
         if kind == "hinge":
             terms.append(F.relu(1 - r).mean() + F.relu(1 + fake[i]).mean())
         else:  # non-saturating softplus (DMD2's form)
             terms.append(F.softplus(-r).mean() + F.softplus(fake[i]).mean())
-    return torch.stack(terms).mean()
+    return _combine(terms, reduce)
 
 
-def g_loss(fake: dict[int, torch.Tensor], kind: str) -> torch.Tensor:
+def g_loss(fake: dict[int, torch.Tensor], kind: str, reduce: str = "mean") -> torch.Tensor:
     terms = [(-f).mean() if kind == "hinge" else F.softplus(-f).mean() for f in fake.values()]
-    return torch.stack(terms).mean()
+    return _combine(terms, reduce)
+
+
+@torch.no_grad()
+def head_accuracy(real: dict[int, torch.Tensor], fake: dict[int, torch.Tensor]) -> tuple[float, float]:
+    """Share of the sampled heads' logits on the right side of 0 (real > 0, fake < 0), each head weighing the
+    same: 0.5 on both is chance, whatever the loss reads."""
+    acc_r = torch.stack([(r > 0).float().mean() for r in real.values()]).mean()
+    acc_f = torch.stack([(f < 0).float().mean() for f in fake.values()]).mean()
+    return acc_r.item(), acc_f.item()

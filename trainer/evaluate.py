@@ -18,6 +18,7 @@ import torch
 
 from .config import TrainConfig, apply_overrides
 from .detector import detect
+from .eval_stats import RESAMPLES, cell, fid_ci, proportion_ci
 from .features import extract, frechet_distance, load_feature_net
 from .shapes import Attributes, ShapesDataset, prompt
 
@@ -64,6 +65,9 @@ class Result:
     per_attribute: dict[str, float]
     fid: float
     seconds: float
+    # 95% percentile-bootstrap intervals over the row's images (trainer/eval_stats.py); None in old caches.
+    alignment_ci: tuple[float, float] | None = None
+    fid_ci: tuple[float, float] | None = None
 
 
 def default_rows(cfg: TrainConfig, work: Path, ablations: bool) -> list[Row]:
@@ -141,13 +145,30 @@ def generate(row: Row, cfg: TrainConfig, work: Path, model_dir: Path, frozen: di
     return np.concatenate(out)
 
 
-def alignment(images: np.ndarray, attrs: list[Attributes]) -> tuple[float, dict[str, float]]:
-    hits = {k: 0 for k in (*ATTRS, "all")}
-    for im, a in zip(images, attrs):
+def detections(images: np.ndarray, attrs: list[Attributes]) -> dict[str, np.ndarray]:
+    """Per image, per attribute (and "all"): did the detector read back what the prompt asked for."""
+    hits = {k: np.zeros(len(attrs), bool) for k in (*ATTRS, "all")}
+    for i, (im, a) in enumerate(zip(images, attrs)):
         for k, ok in detect(im).matches(a).items():
-            hits[k] += bool(ok)
+            hits[k][i] = bool(ok)
+    return hits
+
+
+def alignment(images: np.ndarray, attrs: list[Attributes]) -> tuple[float, dict[str, float]]:
+    hits = detections(images, attrs)
     n = max(1, len(attrs))
-    return hits["all"] / n, {k: hits[k] / n for k in ATTRS}
+    return hits["all"].sum() / n, {k: hits[k].sum() / n for k in ATTRS}
+
+
+def score(row: Row, images: np.ndarray, attrs: list[Attributes], net, real_feats: np.ndarray,
+          seconds: float = 0.0) -> Result:
+    """Alignment and shapes-FID of one row's images, each with its bootstrap interval."""
+    hits = detections(images, attrs)
+    n = max(1, len(attrs))
+    feats = extract(net, images)
+    return Result(row, len(images), float(hits["all"].sum() / n), {k: float(hits[k].sum() / n) for k in ATTRS},
+                  frechet_distance(feats, real_feats), seconds, proportion_ci(hits["all"]),
+                  fid_ci(feats, real_feats))
 
 
 def train_ablations(cfg: TrainConfig, work: Path, log=print, names: list[str] | None = None) -> None:
@@ -198,26 +219,27 @@ def evaluate(cfg: TrainConfig, work: Path, model_dir: Path, n: int, ablations: b
             sets[row.split] = eval_set(cfg, row.split, n)
             real_feats[row.split] = extract(net, real_images(cfg, row.split, n))
         prompts, attrs, noise = sets[row.split]
-        key = {"row": asdict(row), "images": n, "unet_mtime": (work / row.unet).stat().st_mtime}
+        key = {"row": asdict(row), "images": n, "unet_mtime": (work / row.unet).stat().st_mtime,
+               "bootstrap": RESAMPLES}
         cached = cache_dir / f"{row.slug}.json"
         grid_file = cache_dir / f"{row.slug}.npy"
         if cached.is_file() and grid_file.is_file() and json.loads(cached.read_text()).get("key") == key:
             r = json.loads(cached.read_text())["result"]
-            fields = ("images", "alignment", "per_attribute", "fid", "seconds")
+            fields = ("images", "alignment", "per_attribute", "fid", "seconds", "alignment_ci", "fid_ci")
             results.append(Result(row=row, **{k: r[k] for k in fields}))
             grids[row.slug] = np.load(grid_file)
             log(f"[eval] {row.name}: cached")
             continue
         t0 = time.monotonic()
         images = generate(row, cfg, work, Path(model_dir), frozen, prompts, noise)
-        align, per = alignment(images, attrs)
-        fid = frechet_distance(extract(net, images), real_feats[row.split])
-        res = Result(row, n, align, per, fid, round(time.monotonic() - t0, 1))
+        res = score(row, images, attrs, net, real_feats[row.split])
+        res.seconds = round(time.monotonic() - t0, 1)
         cached.write_text(json.dumps({"key": key, "result": asdict(res)}, indent=1) + "\n")
         np.save(grid_file, images[:32])
         grids[row.slug] = images[:32]
         results.append(res)
-        log(f"[eval] {row.name}: alignment {align:.3f}, FID {fid:.2f} ({res.seconds:.0f} s)")
+        log(f"[eval] {row.name}: alignment {cell(res.alignment, res.alignment_ci, 100, unit='%')}, "
+            f"FID {cell(res.fid, res.fid_ci, fmt='.2f')} ({res.seconds:.0f} s)")
     # The floor: FID between two independent sets of dataset images (the eval prompts' own images vs the
     # reference side); their alignment is the detector's accuracy on real images.
     data = dataset(cfg, "train")
@@ -225,9 +247,8 @@ def evaluate(cfg: TrainConfig, work: Path, model_dir: Path, n: int, ablations: b
     if "train" not in real_feats:
         sets["train"] = eval_set(cfg, "train", n)
         real_feats["train"] = extract(net, real_images(cfg, "train", n))
-    align, per = alignment(data_imgs, sets["train"][1])
-    floor = frechet_distance(extract(net, data_imgs), real_feats["train"])
-    results.insert(0, Result(Row("dataset images (FID floor)", "data", "", 0), n, align, per, floor, 0.0))
+    results.insert(0, score(Row("dataset images (FID floor)", "data", "", 0), data_imgs, sets["train"][1], net,
+                            real_feats["train"]))
     grids["dataset"] = data_imgs[:32]
     write_pictures(results, grids, assets, work)
     return results
@@ -273,49 +294,9 @@ def write_pictures(results: list[Result], grids: dict[str, np.ndarray], assets: 
             out.paste(s, (0, y))
             y += s.height
         out.save(assets / "compare.png")
+    from .eval_plots import plot_losses
+
     plot_losses(work, assets / "loss_curves.png")
-
-
-def plot_losses(work: Path, path: Path) -> None:
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # The L2 term is logged on one-step iterations only (NaN on the others): its own panel, NaNs dropped.
-    panels = [("autoencoder", ["rec"]), ("teacher", ["loss"]), ("init", ["loss"]), ("nitro", ["loss_g", "loss_d"]),
-              ("nitro", ["loss_reg"])]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (stage, keys) in zip(axes, panels):
-        f = work / stage / "metrics.csv"
-        if not f.is_file():
-            ax.set_title(f"{stage} (no metrics)")
-            continue
-        # A resumed stage appends from its checkpoint: keep the last row per step so the curve does not loop.
-        rows = sorted({int(float(r["step"])): r for r in csv.DictReader(f.open())}.values(),
-                      key=lambda r: float(r["step"]))
-        for k in keys:
-            if k not in rows[0]:
-                continue
-            pairs = [(float(r["step"]), float(r[k])) for r in rows if r.get(k) not in (None, "", "nan")]
-            steps, vals = (np.array(v) for v in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))
-            if not len(vals):
-                continue
-            win = max(1, len(vals) // 40)  # light smoothing: raw per-step GAN losses are mostly noise
-            smooth = np.convolve(vals, np.ones(win) / win, mode="valid")
-            ax.plot(steps, vals, alpha=0.25, lw=0.8)
-            ax.plot(steps[win - 1:], smooth, label=k)
-        ax.set_title(f"{stage} (L2 term, 1-step iterations)" if keys == ["loss_reg"] else stage)
-        ax.set_xlabel("step")
-        if stage in ("autoencoder", "teacher", "init") or keys == ["loss_reg"]:
-            ax.set_yscale("log")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def write_markdown(results: list[Result], path: Path, assets: Path, command: str, cfg: TrainConfig) -> None:
@@ -335,6 +316,10 @@ def write_markdown(results: list[Result], path: Path, assets: Path, command: str
         "images, features from the frozen CNN `trainer/assets/shapes_features.safetensors` "
         "(`trainer/features.py`). Lower is better; the first row is the floor (two independent dataset sets)."),
         "",
+        ("- **[lo, hi]**: 95% percentile-bootstrap interval over images (1,000 resamples, fixed seed; "
+        "`trainer/eval_stats.py`). Alignment resamples the row's images; FID resamples the generated images' "
+        "features against the fixed reference set, so it covers the generated side's sampling noise only."),
+        "",
         "| row | alignment | bg | colour | shape | position | size | fill | shapes-FID | FID / teacher |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -351,7 +336,8 @@ def write_markdown(results: list[Result], path: Path, assets: Path, command: str
             ref = next((x for x in results if x.row.group == "heldout" and x.row.kind == "teacher"), teacher)
         ratio = f"{r.fid / ref.fid:.2f}x" if ref and r.row.kind != "data" and ref.fid > 0 else ""
         per = [f"{r.per_attribute.get(k, float('nan')) * 100:.1f}%" for k in ATTRS]
-        lines.append(f"| {r.row.name} | {r.alignment * 100:.1f}% | {' | '.join(per)} | {r.fid:.2f} | {ratio} |")
+        align, fid = cell(r.alignment, r.alignment_ci, 100, unit="%"), cell(r.fid, r.fid_ci, fmt=".2f")
+        lines.append(f"| {r.row.name} | {align} | {' | '.join(per)} | {fid} | {ratio} |")
     lines.append("")
     student = by_name.get("NitroFusion 1 step")
     init = by_name.get("one-step init")

@@ -19,7 +19,7 @@ from nitrofusion.sampler import LCMSampler
 
 from .conditioning import Conditioning, rows, unet_kwargs
 from .config import NitroConfig
-from .discriminator import FrozenEncoder, HeadPool, Views, d_loss, encoder_features, g_loss
+from .discriminator import FrozenEncoder, HeadPool, Views, d_loss, encoder_features, g_loss, head_accuracy
 from .loop import autocast, micro_contexts
 
 
@@ -144,7 +144,7 @@ def generator_backward(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig
                                      mb.g_views)
             # The heads are only judges here: run them outside DDP's gradient sync; their grads are dropped.
             with acc.no_sync(nets.pool) if multi else torch.enable_grad():
-                loss_adv = g_loss(nets.pool(feats, plan.heads), c.loss)
+                loss_adv = g_loss(nets.pool(feats, plan.heads), c.loss, c.pool.reduce)
                 loss_reg = F.mse_loss(fake, target) if plan.reg else torch.zeros((), device=fake.device)
                 loss_g = c.adv_weight * loss_adv + plan.reg * loss_reg
                 acc.backward(loss_g / len(parts))
@@ -173,12 +173,13 @@ def generator_step(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig,
 
 
 def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch, fake: torch.Tensor, c: NitroConfig,
-                           micro: int, update: int = 0) -> float:
+                           micro: int, update: int = 0) -> dict[str, float]:
     """Gradients of the sampled heads' loss, reals vs the detached fakes, for discriminator update `update`; real
-    and fake rows in one batch, so each head runs once per micro-batch. Returns the mean loss."""
+    and fake rows in one batch, so each head runs once per micro-batch. Returns the mean loss and the heads'
+    accuracy on reals and on fakes (before this update: what the heads knew when they judged)."""
     acc = nets.accelerator
     parts = micro_slices(len(batch), micro)
-    total = 0.0
+    total, acc_real, acc_fake = 0.0, 0.0, 0.0
     for (_, ctx), sl in zip(micro_contexts(acc, nets.pool, len(parts)), parts):
         mb = batch.rows(sl)
         real_views, fake_views = mb.d_views[update]
@@ -190,17 +191,21 @@ def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch, fake: torc
                                         Conditioning.cat([mb.uncond, mb.uncond]), plan.tasks, nets.abar,
                                         Views.cat(real_views, fake_views))
             logits = nets.pool(both, plan.heads)
-            loss_d = d_loss({i: v[:n] for i, v in logits.items()}, {i: v[n:] for i, v in logits.items()}, c.loss)
+            real, fake_logits = {i: v[:n] for i, v in logits.items()}, {i: v[n:] for i, v in logits.items()}
+            loss_d = d_loss(real, fake_logits, c.loss, c.pool.reduce)
             acc.backward(loss_d / len(parts))
         total += loss_d.item() / len(parts)
-    return total
+        hit_r, hit_f = head_accuracy(real, fake_logits)
+        acc_real += hit_r / len(parts)
+        acc_fake += hit_f / len(parts)
+    return {"loss_d": total, "acc_real": acc_real, "acc_fake": acc_fake}
 
 
 def discriminator_step(nets: NitroNets, plan: Plan, batch: Batch, fake: torch.Tensor, c: NitroConfig,
                        micro: int) -> dict[str, float]:
-    """`c.disc_steps` updates of the sampled heads; logs the last one's loss."""
+    """`c.disc_steps` updates of the sampled heads; logs the last one's loss and accuracy."""
     for update in range(c.disc_steps):
-        loss_d = discriminator_backward(nets, plan, batch, fake, c, micro, update)
+        logs = discriminator_backward(nets, plan, batch, fake, c, micro, update)
         nets.opt_d.step()
         nets.opt_d.zero_grad(set_to_none=True)
-    return {"loss_d": loss_d}
+    return logs

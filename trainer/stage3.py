@@ -151,6 +151,8 @@ class NitroJob(StageJob):
                 "heads": len(plan.heads), "refreshed": len(self.refreshed)}
         if "loss_reg" in g_logs:
             logs["loss_reg"] = g_logs["loss_reg"]
+        # Appended after the existing columns, so scripts that read metrics.csv by position keep working.
+        logs["acc_real"], logs["acc_fake"] = d_logs["acc_real"], d_logs["acc_fake"]
         return logs
 
     @property

@@ -195,6 +195,12 @@ class PoolConfig:
     crop_fraction: float = 0.5  # local heads read random crops of this side (in latent pixels), own encoder pass
     head_channels: int = 32
     min_map: int = 2  # heads stride down to this side before the 1x1 logit conv
+    # How the sampled heads' losses combine, in both the generator's and the heads' loss. "mean" (the shapes
+    # recipe's): the adversarial term weighs as one head against nitro.reg_weight x L2, whatever the subset size.
+    # "sum" (the paper's reading, Sec. 3.2): it grows with the subset (21 heads here). The heads' own updates barely
+    # change (AdamW is scale-free per parameter, and each head's parameters see only its own term); the generator's
+    # adversarial gradient is what grows.
+    reduce: str = "mean"
 
     def __post_init__(self):
         self.timesteps = tuple(self.timesteps)
@@ -204,6 +210,7 @@ class PoolConfig:
         _check(self.heads_per_slot >= 1, "nitro.pool.heads_per_slot must be >= 1")
         _check(0 <= self.refresh_fraction < 1, "nitro.pool.refresh_fraction must be in [0, 1)")
         _check(0 < self.crop_fraction <= 1, "nitro.pool.crop_fraction must be in (0, 1]")
+        _check(self.reduce in ("mean", "sum"), "nitro.pool.reduce must be 'mean' or 'sum'")
 
 
 @dataclass

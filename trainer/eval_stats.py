@@ -1,0 +1,77 @@
+"""95% confidence intervals for `nitrofusion eval`'s numbers: percentile bootstrap over images, fixed seed.
+
+Alignment: each image passes (1) or fails (0) the detector; a resample draws N images with replacement from the
+row's N and takes the pass rate. FID: the generated images' 128-d features are resampled with replacement (the
+dataset reference side stays fixed), and the Frechet distance is recomputed against the same reference. So the
+FID interval covers the sampling noise of the generated set only, not that of the reference set. Resampling with
+replacement duplicates rows, and a 128-d FID of duplicated rows sits well above the full set's (measured on
+Gaussian features at 2,000 rows: +3 with a spread of +-0.7, so a plain percentile interval missed the estimate
+entirely); the FID interval is therefore the bootstrap's percentiles shifted by the bootstrap's own bias (mean
+resampled FID minus the full set's): the spread is the bootstrap's, centred on the estimate. It errs wide: on
+the same kind of features at 400 images it was 1.6x the 95% spread of the FID over 30 independent draws.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RESAMPLES = 1000
+SEED = 0
+LEVEL = 0.95
+
+
+def _bounds(stats: np.ndarray, level: float) -> tuple[float, float]:
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def proportion_ci(hits, resamples: int = RESAMPLES, seed: int = SEED,
+                  level: float = LEVEL) -> tuple[float, float]:
+    """Interval for the mean of a 0/1 vector (one entry per image)."""
+    hits = np.asarray(hits, dtype=np.float64)
+    if hits.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    # Resampling a 0/1 vector with replacement = a binomial draw of its pass rate; drawn as indices anyway so the
+    # same code reads as "resample the images".
+    idx = rng.integers(0, hits.size, size=(resamples, hits.size))
+    return _bounds(hits[idx].mean(axis=1), level)
+
+
+def _root(cov: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(cov)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def fid_ci(gen: np.ndarray, real: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED,
+           level: float = LEVEL) -> tuple[float, float]:
+    """Bias-shifted percentile interval for features.frechet_distance(gen, real) under resampling of `gen`'s rows
+    (module docstring: why shifted). The trace term uses
+    the reference side's square root (eigenvalues of Sr^1/2 Sg Sr^1/2 equal those of Sg^1/2 Sr Sg^1/2), computed
+    once, so each resample costs one covariance and one symmetric eigvalsh."""
+    gen, real = np.asarray(gen, np.float64), np.asarray(real, np.float64)
+    mu_r, s_r = real.mean(0), np.cov(real, rowvar=False)
+    root_r, tr_r = _root(s_r), np.trace(s_r)
+    rng = np.random.default_rng(seed)
+    out = np.empty(resamples)
+    n = gen.shape[0]
+    mu_g, s_g = gen.mean(0), np.cov(gen, rowvar=False)
+    full = ((mu_g - mu_r) ** 2).sum() + np.trace(s_g) + tr_r - 2 * np.sqrt(
+        np.clip(np.linalg.eigvalsh(root_r @ s_g @ root_r), 0, None)).sum()
+    for i in range(resamples):
+        g = gen[rng.integers(0, n, size=n)]
+        mu_g, s_g = g.mean(0), np.cov(g, rowvar=False)
+        cross = np.linalg.eigvalsh(root_r @ s_g @ root_r)
+        out[i] = ((mu_g - mu_r) ** 2).sum() + np.trace(s_g) + tr_r - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
+    return _bounds(out - (out.mean() - full), level)
+
+
+def cell(value: float, ci, scale: float = 1.0, fmt: str = ".1f", unit: str = "") -> str:
+    """`63.0% [60.9, 65.1]`: the value, then its interval when there is one."""
+    text = f"{value * scale:{fmt}}{unit}"
+    if ci is None or any(np.isnan(c) for c in ci):
+        return text
+    return f"{text} [{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
+
+
+__all__ = ["RESAMPLES", "cell", "fid_ci", "proportion_ci"]
