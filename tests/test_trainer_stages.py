@@ -260,3 +260,41 @@ def test_ema_student_is_exported_and_stage3_accumulates(tiny_run, tmp_path):
     for k in raw:
         torch.testing.assert_close(ema[k], 0.5 * first[k] + 0.5 * raw[k], rtol=1e-5, atol=1e-6, msg=k)
     assert (tmp_path / "nitro" / "checkpoint" / "student_ema.safetensors").is_file()
+
+
+def test_a_4x_down_autoencoder_runs_every_stage_and_exports_its_latent_side(tmp_path):
+    """Three autoencoder blocks = 4x down (issue 15: 16x16 latents at 64x64): every stage sizes its latents from
+    the autoencoder, the exported pipeline reads the factor back, and the student generates full-size images."""
+    cfg = apply_overrides(recipe("tiny"), ["autoencoder.block_out_channels=[8,8,8]", "autoencoder.crop_size=20",
+                                           "preview.blocks=[1,0,0]"])
+    assert cfg.autoencoder.scale_factor == 4
+    exported = run(cfg, tmp_path / "work", tmp_path / "model")
+    from diffusers import UNet2DConditionModel
+
+    assert UNet2DConditionModel.load_config(exported / "unet")["sample_size"] == 8  # 32 px / 4
+    pipe = load_pipeline(exported, device="cpu", backend="torch", dtype="float32")
+    (image,) = pipe([GenerationRequest("small red solid circle in the centre, white background", 1, 0, 32, 32)])
+    assert image.shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        apply_overrides(recipe("tiny"), ["autoencoder.block_out_channels=[8,8,8]", "autoencoder.crop_size=18"])
+
+
+def test_pool_probe_and_teacher_guidance_benches_run_on_a_trained_work_dir(tiny_run, tmp_path, capsys):
+    """bench/pool_probe.py trains each variant from the run's init and reports the heads' accuracy from its
+    metrics.csv; bench/teacher_guidance.py scores the teacher at each guidance scale (issue 15's measurements)."""
+    from .helpers import load_script
+
+    _, work, _ = tiny_run
+    copy_stages(work, tmp_path, ["autoencoder", "text", "teacher", "cache", "init"])
+    assert load_script("bench/pool_probe.py").main(
+        ["--work", str(tmp_path), "--iters", "2", "--variant", "summed=nitro.pool.reduce=sum;nitro.disc_steps=2"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| summed |"))
+    acc_real, acc_fake, loss_d = (float(v) for v in row.split("|")[2:5])
+    assert 0 <= acc_real <= 1 and 0 <= acc_fake <= 1 and loss_d > 0
+    saved = json.loads((tmp_path / "probes" / "summed" / "train_config.json").read_text())
+    assert saved["nitro"]["pool"]["reduce"] == "sum" and saved["nitro"]["disc_steps"] == 2
+    assert load_script("bench/teacher_guidance.py").main(
+        ["--work", str(tmp_path), "--images", "4", "--guidance", "1", "3", "--steps", "2"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "%" in line]
+    assert [line.split(" | ")[0] for line in table] == ["| 1", "| 3"]

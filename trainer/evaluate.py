@@ -102,7 +102,7 @@ def eval_set(cfg: TrainConfig, split: str, n: int) -> tuple[list[str], list[Attr
     """Prompts, their attributes and one fixed noise tensor per image (seeded by the image's index)."""
     data = dataset(cfg, split)
     attrs = [data.attributes(EVAL_OFFSET + i)[0] for i in range(n)]
-    latent = cfg.data.image_size // 8
+    latent = cfg.data.image_size // cfg.autoencoder.scale_factor
     noise = torch.stack([torch.randn((cfg.autoencoder.latent_channels, latent, latent),
                                      generator=torch.Generator().manual_seed(SEED0 + i)) for i in range(n)])
     return [prompt(a) for a in attrs], attrs, noise

@@ -81,7 +81,8 @@ def build_vae(cfg: AutoencoderConfig, image_size: int):
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
         block_out_channels=list(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        down_block_types=["DownEncoderBlock2D"] * len(cfg.block_out_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(cfg.block_out_channels),
         norm_num_groups=cfg.norm_num_groups, sample_size=image_size, mid_block_add_attention=cfg.mid_attention,
     )
     # Start near-deterministic: with logvar ~ 0 the sampled latent is mean + N(0, 1) and the decoder sees mostly

@@ -112,7 +112,7 @@ class ShapesSource:
                      "text_encoder": self.work / "text" / "text_encoder"}
         self.teacher_dir = self.work / "teacher" / "unet"
         self.latent_channels = cfg.autoencoder.latent_channels
-        self.latent_size = cfg.data.image_size // 8
+        self.latent_size = cfg.data.image_size // cfg.autoencoder.scale_factor
         self.noise_schedule = dict(NOISE_SCHEDULE)
         self.family = "sd"
 

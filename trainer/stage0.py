@@ -1,4 +1,4 @@
-"""Stage 0: the autoencoder (AutoencoderKL, 8x down) and the text encoder + tokenizer for the prompt grammar."""
+"""Stage 0: the autoencoder (AutoencoderKL, 8x or 4x down) and the text encoder + tokenizer for the prompt grammar."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ def batch_indices(stage: Stage, batch_size: int, micro: int, accum: int) -> rang
     return range(start, start + batch_size)
 
 
-def random_crop(x: torch.Tensor, side: int, gen: torch.Generator) -> torch.Tensor:
-    """One random (side x side) crop per image, on the 8-pixel latent grid: (B, C, side, side)."""
-    cells = (x.shape[-1] - side) // 8 + 1
-    ys, xs = (torch.randint(cells, (x.shape[0],), generator=gen) * 8 for _ in range(2))
+def random_crop(x: torch.Tensor, side: int, gen: torch.Generator, grid: int = 8) -> torch.Tensor:
+    """One random (side x side) crop per image, on the latent grid (`grid` pixels a latent pixel): (B, C, side, side)."""
+    cells = (x.shape[-1] - side) // grid + 1
+    ys, xs = (torch.randint(cells, (x.shape[0],), generator=gen) * grid for _ in range(2))
     return torch.stack([im[:, y:y + side, xx:xx + side] for im, y, xx in zip(x, ys.tolist(), xs.tolist())])
 
 
@@ -38,7 +38,7 @@ class VAETrainee(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         posterior = self.vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * eps  # (B, 4, H/8, W/8)
+        z = posterior.mean + posterior.std * eps  # (B, latent channels, H/f, W/f)
         return self.vae.decode(z).sample, posterior.kl().mean() / x[0].numel()
 
 
@@ -79,9 +79,10 @@ class AutoencoderJob(StageJob):
             images, _ = self.data.batch(batch_indices(stage, c.optim.batch_size, i, c.optim.grad_accum))
             x = torch.from_numpy(images)  # (B, 3, H, W) in [-1, 1]
             if c.crop_size and c.crop_size < x.shape[-1]:
-                x = random_crop(x, c.crop_size, gen)
+                x = random_crop(x, c.crop_size, gen, c.scale_factor)
             x = x.to(acc.device)
-            eps = torch.randn((x.shape[0], c.latent_channels, *(d // 8 for d in x.shape[2:])), generator=gen)
+            eps = torch.randn((x.shape[0], c.latent_channels, *(d // c.scale_factor for d in x.shape[2:])),
+                              generator=gen)
             with autocast(acc):
                 rec, kl = self.vae(x, eps.to(x.device))
                 rec_loss = F.l1_loss(rec.float(), x) + F.mse_loss(rec.float(), x)

@@ -160,7 +160,7 @@ class TeacherJob(StageJob):
         cfg, c = self.cfg, self.cfg.teacher
         self.frozen = frozen = load_frozen(self.frozen_dirs, self.acc.device)
         torch.manual_seed(cfg.run.seed)
-        self.unet = build_unet(c.unet, cfg.data.image_size // 8, frozen["text_encoder"].config.hidden_size,
+        self.unet = build_unet(c.unet, cfg.data.image_size // cfg.autoencoder.scale_factor, frozen["text_encoder"].config.hidden_size,
                                frozen["vae"].config.latent_channels)
         if c.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -181,7 +181,7 @@ class TeacherJob(StageJob):
 
     def iteration(self, stage: Stage) -> dict[str, float]:
         cfg, c, acc, pool = self.cfg, self.cfg.teacher, self.acc, self.pool
-        latent = cfg.data.image_size // 8
+        latent = cfg.data.image_size // cfg.autoencoder.scale_factor
         set_lr(self.opt, c.optim, stage.step)
         gen = stage.gen()
 

@@ -64,7 +64,7 @@ class OptimConfig:
 
 @dataclass
 class AutoencoderConfig:
-    """Stage 0a: AutoencoderKL, 8x down (four blocks), trained on dataset images (L1 + L2 + tiny KL)."""
+    """Stage 0a: AutoencoderKL, 8x down (four blocks) or 4x down (three), trained on dataset images (L1 + L2 + KL)."""
 
     block_out_channels: tuple[int, ...] = (8, 16, 32, 64)  # thin at full resolution: that is where FLOPs go
     layers_per_block: int = 1
@@ -82,10 +82,17 @@ class AutoencoderConfig:
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
-        _check(len(self.block_out_channels) == 4, "autoencoder.block_out_channels needs 4 entries (8x down)")
+        _check(len(self.block_out_channels) in (3, 4),
+               "autoencoder.block_out_channels needs 4 entries (8x down) or 3 (4x down)")
         _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
                "autoencoder.block_out_channels must be multiples of norm_num_groups")
-        _check(self.crop_size % 8 == 0 and self.crop_size >= 0, "autoencoder.crop_size: a multiple of 8 (0 = off)")
+        _check(self.crop_size % self.scale_factor == 0 and self.crop_size >= 0,
+               f"autoencoder.crop_size: a multiple of {self.scale_factor} (0 = off)")
+
+    @property
+    def scale_factor(self) -> int:
+        """Image pixels per latent pixel: every block but the last halves the side (diffusers' AutoencoderKL)."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
 
 @dataclass

@@ -1,0 +1,58 @@
+"""Score a trained `shapes` teacher over guidance scales and step counts before caching its samples (issue 15:
+the cache inherits whatever the teacher's sampler settings give). Same prompts, noise, detector and shapes-FID
+as `nitrofusion eval`'s teacher row, each figure with its 95% bootstrap interval.
+
+    python bench/teacher_guidance.py --work outputs/shapes                     # 400 prompts, guidance 1/3/5/7.5
+    python bench/teacher_guidance.py --work W --images 200 --guidance 3 5 --steps 10 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", required=True, type=Path, help="a shapes run's folder (teacher/unet, autoencoder, text)")
+    p.add_argument("--images", type=int, default=400)
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0, 7.5])
+    p.add_argument("--steps", type=int, nargs="+", default=[25])
+    p.add_argument("--split", default="train", choices=["train", "heldout"])
+    a = p.parse_args(argv)
+
+    from nitrofusion.models import quiet_libraries
+    from trainer.config import TrainConfig
+    from trainer.eval_stats import cell
+    from trainer.evaluate import Row, eval_set, generate, real_images, score
+    from trainer.features import extract, load_feature_net
+    from trainer.recipe import frozen_dirs
+    from trainer.stage1 import load_frozen
+
+    quiet_libraries()
+    cfg = TrainConfig.load(a.work / "teacher" / "train_config.json")
+    frozen = load_frozen(frozen_dirs(a.work), "cpu")
+    net = load_feature_net()
+    prompts, attrs, noise = eval_set(cfg, a.split, a.images)
+    real = extract(net, real_images(cfg, a.split, a.images))
+    print(f"teacher {a.work / 'teacher/unet'}, {a.images} {a.split} prompts")
+    print(f"| guidance | steps | alignment | shapes-FID | s |\n|---|---|---|---|---|")
+    for steps in a.steps:
+        for g in a.guidance:
+            cfg.teacher.guidance_scale = g
+            row = Row(f"teacher ({steps} steps, guidance {g:g})", "teacher", "teacher/unet", steps, a.split)
+            t0 = time.monotonic()
+            images = generate(row, cfg, a.work, Path(), frozen, prompts, noise)
+            r = score(row, images, attrs, net, real)
+            print(f"| {g:g} | {steps} | {cell(r.alignment, r.alignment_ci, 100, unit='%')} | "
+                  f"{cell(r.fid, r.fid_ci, fmt='.2f')} | {time.monotonic() - t0:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
