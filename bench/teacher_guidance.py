@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     prompts, attrs, noise = eval_set(cfg, a.split, a.images)
     real = extract(net, real_images(cfg, a.split, a.images))
     print(f"teacher {a.work / 'teacher/unet'}, {a.images} {a.split} prompts")
-    print(f"| guidance | steps | alignment | shapes-FID | s |\n|---|---|---|---|---|")
+    print("| guidance | steps | alignment | shapes-FID | s |\n|---|---|---|---|---|")
     for steps in a.steps:
         for g in a.guidance:
             cfg.teacher.guidance_scale = g

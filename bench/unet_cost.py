@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         x = torch.randn(a.batch, 4, side, side)
         t = torch.randint(0, 1000, (a.batch,))
 
-        def step():
+        def step(unet=unet, opt=opt, x=x, t=t):
             loss = unet(x, t, encoder_hidden_states=text).sample.square().mean()
             loss.backward()
             opt.step()
