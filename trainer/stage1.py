@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .conditioning import Conditioning, unet_kwargs
 from .config import TeacherConfig, TrainConfig
@@ -140,6 +139,17 @@ def latent_pool(cfg: TrainConfig, folder: Path, vae, data: ShapesDataset, accele
     return pool
 
 
+def epsilon_loss(eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
+                 min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """Mean over rows of each row's epsilon MSE, weighted by min(SNR, gamma) / SNR when gamma > 0 (Min-SNR)."""
+    per_row = (eps - noise).square().mean(dim=tuple(range(1, eps.ndim)))
+    if min_snr_gamma:
+        a = abar.to(t.device)[t]
+        snr = a / (1 - a)
+        per_row = per_row * snr.clamp(max=min_snr_gamma) / snr
+    return per_row.mean()
+
+
 class TeacherJob(StageJob):
     """Output: folder/unet (diffusers UNet2DConditionModel)."""
 
@@ -199,12 +209,14 @@ class TeacherJob(StageJob):
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
             t = torch.randint(0, 1000, (b,), generator=gen)
             noise = torch.randn((b, cfg.autoencoder.latent_channels, latent, latent), generator=gen)
+            if c.offset_noise:
+                noise = noise + c.offset_noise * torch.randn((b, noise.shape[1], 1, 1), generator=gen)
             t, noise = t.to(x0.device), noise.to(x0.device)
             xt = add_noise(x0, noise, t, self.abar)
             cond = self.frozen["text"](prompts)
             with autocast(acc):
                 eps = self.unet(xt, t, **unet_kwargs(cond)).sample
-                loss = F.mse_loss(eps.float(), noise)
+                loss = epsilon_loss(eps.float(), noise, t, self.abar, c.min_snr_gamma)
             return loss, {"loss": loss}
 
         logs = accumulate(acc, self.unet, c.optim.grad_accum, micro)
