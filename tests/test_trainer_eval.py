@@ -142,3 +142,21 @@ def test_eval_cli_writes_report_grids_and_curves_and_student_rows_match_generate
 def test_eval_cli_errors_are_one_line(tmp_path):
     r = run_cli("eval", "--work", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "holds no trained stages" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_eval_controls_only_trains_and_scores_the_control_and_no_ablation(tiny_trained, tmp_path):
+    import shutil
+
+    root, model = tiny_trained
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work, ignore=shutil.ignore_patterns("ablations", "eval"))
+    out = tmp_path / "EVAL.md"
+    r = run_cli("eval", "--work", str(work), "--model", str(model), "--images", "4", "--out", str(out),
+                "--controls-only", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (work / "ablations").iterdir()) == sorted(slug(n) for n in CONTROLS)
+    names = [line.split(" | ")[0][2:] for line in out.read_text().splitlines() if line.startswith("| ") and "%" in line]
+    assert not set(ABLATIONS) & set(names)
+    assert [n for n in names if n.startswith(next(iter(CONTROLS)))] == [f"{next(iter(CONTROLS))}, 1 step",
+                                                                      f"{next(iter(CONTROLS))}, 4 steps"]

@@ -122,6 +122,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=2000, help="images per row, also per FID side (default 2000)")
     p.add_argument("--no-ablations", dest="ablations", action="store_false",
                    help="skip the 1-step ablation rows (each trains a stage-3 variant first)")
+    p.add_argument("--controls-only", action="store_true",
+                   help="of the ablation rows, train and score only the control (no discriminator signal, whole "
+                        "schedule): the comparison that says whether the pool earns its place, at a seventh the cost")
     p.add_argument("--out", default=str(REPO / "EVAL.md"), metavar="FILE", help="the report (default EVAL.md)")
     p.add_argument("--assets", default=None, metavar="DIR",
                    help="folder for the PNGs (default: eval/ beside --out)")
@@ -155,7 +158,10 @@ def eval_command(args: argparse.Namespace) -> int:
     assets = Path(args.assets) if args.assets else out.parent / "eval"
     if not (Path(args.model) / "model_index.json").is_file():
         raise NitroError(f"{args.model} is not an exported student: run the trainer's export stage first")
-    results = evaluate(cfg, work, Path(args.model), args.images, args.ablations, assets)
+    from .evaluate import CONTROLS
+
+    names = list(CONTROLS) if args.controls_only else None
+    results = evaluate(cfg, work, Path(args.model), args.images, args.ablations, assets, ablation_names=names)
     command = " ".join(["nitrofusion eval", *sys.argv[2:]]) if sys.argv[1:2] == ["eval"] else "nitrofusion eval"
     write_markdown(results, out, assets, command, cfg)
     print(f"wrote {out} and {assets}/")

@@ -196,13 +196,15 @@ def train_ablations(cfg: TrainConfig, work: Path, log=print, names: list[str] | 
 
 
 def evaluate(cfg: TrainConfig, work: Path, model_dir: Path, n: int, ablations: bool, assets: Path,
-             log=print) -> list[Result]:
+             log=print, ablation_names: list[str] | None = None) -> list[Result]:
+    """`ablation_names`: train only these ablations / controls (rows of the others are skipped unless trained
+    earlier)."""
     from .recipe import frozen_dirs
     from .stage1 import load_frozen
 
     work = Path(work)
     if ablations:
-        train_ablations(cfg, work, log)
+        train_ablations(cfg, work, log, ablation_names)
     frozen = load_frozen(frozen_dirs(work), "cpu")
     net = load_feature_net()
     cache_dir = work / "eval"
