@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from nitrofusion.generation import GenerationRequest
 from nitrofusion.pipeline import load_pipeline
-from trainer.config import STAGES, apply_overrides, recipe
+from trainer.config import STAGES, TrainConfig, apply_overrides, recipe
 from trainer.recipe import run
 
 from .helpers import CLI
@@ -298,3 +298,18 @@ def test_pool_probe_and_teacher_guidance_benches_run_on_a_trained_work_dir(tiny_
         ["--work", str(tmp_path), "--images", "4", "--guidance", "1", "3", "--steps", "2"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "%" in line]
     assert [line.split(" | ")[0] for line in table] == ["| 1", "| 3"]
+
+
+def test_shapes16_recipe_is_4x_down_and_its_parts_agree(tmp_path):
+    """`--recipe shapes16`: 16x16 latents at 64x64, a decoder level count the preview decoder matches, a UNet whose
+    widths fit its GroupNorm, offset noise for its teacher; `shapes` (the bundled model's recipe) is untouched."""
+    cfg = recipe("shapes16")
+    assert cfg.recipe == "shapes16" and cfg.data.image_size // cfg.autoencoder.scale_factor == 16
+    assert len(cfg.preview.blocks) == len(cfg.autoencoder.block_out_channels) == 3
+    u = cfg.teacher.unet
+    assert len(u.cross_attn) == len(u.block_out_channels) and all(c % u.norm_num_groups == 0 for c in u.block_out_channels)
+    assert cfg.teacher.offset_noise > 0 and cfg.teacher.min_snr_gamma > 0
+    shapes = recipe("shapes")
+    assert shapes.autoencoder.scale_factor == 8 and shapes.teacher.offset_noise == 0 and shapes.nitro.disc_steps == 1
+    cfg.save(tmp_path / "c.json")
+    assert TrainConfig.load(tmp_path / "c.json") == cfg

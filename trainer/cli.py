@@ -13,8 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, choices=RECIPE_NAMES,
-                   help="shapes (default without --from): the bundled default model (CPU, ~90 min); tiny: toy sizes "
-                        "for tests; pretrained (default with --from): an SDXL / SD1.x student on GPUs")
+                   help="shapes (default without --from): the bundled default model (CPU, ~90 min); shapes16: the "
+                        "same on 16x16 latents (a better teacher, not yet a better student; docs/training.md); tiny: "
+                        "toy sizes for tests; pretrained (default with --from): an SDXL / SD1.x student on GPUs")
     p.add_argument("--from", dest="from_model", default=None, metavar="MODEL",
                    help="a diffusers SDXL or SD1.x model (what `generate --model` takes): its text encoders, VAE and "
                         "UNet are the frozen teacher and the discriminator's backbone")

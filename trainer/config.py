@@ -33,7 +33,7 @@ from .stage_configs import (  # noqa: F401 - re-exported: every trainer module i
 STAGES = ("autoencoder", "text", "teacher", "cache", "init", "nitro", "export", "preview")
 # The stages only the shapes source runs (it trains its own frozen components); every source runs the rest.
 SOURCE_STAGES = ("autoencoder", "text", "teacher")
-RECIPE_NAMES = ("shapes", "tiny", "pretrained")
+RECIPE_NAMES = ("shapes", "shapes16", "tiny", "pretrained")
 
 
 @dataclass
