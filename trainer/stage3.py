@@ -115,10 +115,11 @@ class NitroJob(StageJob):
         c, nets, dev = self.cfg.nitro, self.nets, self.acc.device
         shared = stage.shared_gen()
         t_star = c.pool.timesteps[int(torch.randint(len(c.pool.timesteps), (1,), generator=shared))]
+        # The step count before the pool's draws, so that pool settings (replicas, refresh) do not change it.
+        steps = 1 + int(torch.randint(c.max_steps_at(stage.step), (1,), generator=shared))
         heads = nets.raw_pool.sample(t_star, shared)
         opt_d = nets.opt_d
         self.refreshed = nets.raw_pool.refresh(shared, opt_d.optimizer if hasattr(opt_d, "optimizer") else opt_d)
-        steps = 1 + int(torch.randint(c.max_steps_at(stage.step), (1,), generator=shared))
         reg = c.reg_weight if steps == 1 or c.reg_multistep != "off" else 0.0
         plan = Plan(t_star, heads, steps, reg, nets.raw_pool.tasks_of(heads))
         # Fakes start from fresh noise, or (reg_weight > 0) from cached teacher noises, whose samples are targets.
