@@ -57,8 +57,8 @@ def measure(model_dir: Path, n: int, repeats: int) -> tuple[list[dict], list[dic
     from nitrofusion.pipeline import load_pipeline
     from trainer.config import TrainConfig
     from trainer.evaluate import SEED0, alignment, eval_set
-    from trainer.preview_decoder import encode
     from trainer.shapes import ShapesDataset
+    from trainer.stage1 import encode_images
 
     pipe = load_pipeline(model_dir, device="cpu", backend="torch")
     be, vae = pipe.backend, pipe.model.vae
@@ -71,7 +71,7 @@ def measure(model_dir: Path, n: int, repeats: int) -> tuple[list[dict], list[dic
     seeds = [SEED0 + i for i in range(n)]
     quality = []
     with torch.inference_mode():
-        sets = {"heldout": encode(vae, torch.from_numpy(images)),
+        sets = {"heldout": encode_images(vae, torch.from_numpy(images)),
                 "student-1": student_latents(pipe, prompts, 1, seeds),
                 "student-4@2": student_latents(pipe, prompts, 4, seeds, upto=2)}
     for name, z in sets.items():

@@ -91,6 +91,22 @@ def _load_component(cls: Any, folder: Path, subfolder: str, **kwargs: Any) -> An
         raise ModelLoadError(f"cannot load '{subfolder}' from {folder}: {first}") from None
 
 
+def state_mismatch(own: dict[str, tuple], file: dict[str, tuple]) -> str | None:
+    """Why a state dict of these shapes (`file`) does not fit a model's (`own`), naming a weight of each kind;
+    None when it fits exactly."""
+    missing, unexpected = sorted(set(own) - set(file)), sorted(set(file) - set(own))
+    mismatched = sorted(k for k in own.keys() & file.keys() if own[k] != file[k])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
+    if mismatched:
+        k = mismatched[0]
+        parts.append(f"{len(mismatched)} shape mismatches (e.g. {k}: file {file[k]}, model {own[k]})")
+    return "; ".join(parts) or None
+
+
 def load_unet_file(unet: Any, unet_file: Path) -> None:
     """Swap a UNet state dict (.safetensors) into `unet`; the file must fit the architecture exactly."""
     from safetensors import SafetensorError
@@ -102,24 +118,11 @@ def load_unet_file(unet: Any, unet_file: Path) -> None:
         state = load_file(str(unet_file))
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"UNet file {unet_file} is not a readable .safetensors file: {e}") from None
-    own = unet.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
-        if mismatched:
-            k = min(mismatched)
-            parts.append(
-                f"{len(mismatched)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, "
-                f"model {tuple(own[k].shape)})"
-            )
+    why = state_mismatch({k: tuple(v.shape) for k, v in unet.state_dict().items()},
+                         {k: tuple(v.shape) for k, v in state.items()})
+    if why:
         raise ModelLoadError(
-            f"UNet file {unet_file} does not fit this model's UNet architecture: {'; '.join(parts)}. "
+            f"UNet file {unet_file} does not fit this model's UNet architecture: {why}. "
             "Use the base model the UNet was trained from (SDXL base for NitroSD-Realism / -Vibrant)."
         )
     unet.load_state_dict(state, strict=True)

@@ -103,3 +103,23 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert len(lines) == 1, proc.stderr
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def kill_after_checkpoint(args: list[str], state: Path, step: int = 2, timeout: float = 180) -> int:
+    """Start a `nitrofusion train` process, SIGKILL its whole group once its stage checkpoint (`state`,
+    checkpoint/state.json) reaches `step`, and return the step it had saved."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not (state.is_file() and json.loads(state.read_text())["step"] >= step):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, f"no checkpoint within {timeout:.0f} s"
+        time.sleep(0.2)  # polling for a file another process writes, not a timing assertion
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return json.loads(state.read_text())["step"]

@@ -12,8 +12,9 @@ from nitrofusion.models import load_model
 from nitrofusion.pipeline import default_model_dir, load_pipeline
 from nitrofusion.tiny import _tiny_vae
 from trainer.config import DataConfig, OptimConfig, PreviewConfig, recipe
-from trainer.preview_decoder import SETTINGS_FILE, build_preview_decoder, distil, encode, main
+from trainer.preview_decoder import SETTINGS_FILE, build_preview_decoder, distil, main
 from trainer.shapes import ShapesDataset
+from trainer.stage1 import encode_images
 
 # The committed decoder against the full one, measured when it was made: 4.54 levels / 24.53 dB on the distillation's
 # 256 held-out latents (its distill_config.json), 4.37 / 24.75 dB on this file's 32 fixed held-out latents. The
@@ -75,7 +76,7 @@ def test_committed_preview_decoder_matches_the_full_decoder_on_held_out_latents(
     data = ShapesDataset(64, 0, "heldout")
     images, _ = data.batch(range(5000, 5032))
     with torch.inference_mode():
-        z = encode(pipe.model.vae, torch.from_numpy(images))
+        z = encode_images(pipe.model.vae, torch.from_numpy(images))
     full, fast = pipe.backend.decode(z), pipe.backend.preview(z)
     d = np.abs(full.astype(np.int16) - fast.astype(np.int16)).astype(np.float64)
     psnr = 10 * np.log10(255**2 / (d**2).mean())

@@ -3,9 +3,7 @@ and SD1.x folders (nitrofusion.tiny), the exported folder through `nitrofusion g
 kill, the one-line errors for bad input, and the pieces (prompt file, streamed cache, teacher solvers)."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from trainer.config import apply_overrides, recipe
 from trainer.presets import smoke
 from trainer.recipe import run
 
-from .helpers import CLI
+from .helpers import CLI, kill_after_checkpoint
 
 PROMPTS = "# a comment\na red circle\n\na blue square\n  photo of the cat  \nun café ☕ rouge\n"
 SHARED = ["cache", "init", "nitro"]
@@ -162,17 +160,8 @@ def test_cli_from_run_resumes_after_sigkill(smoke_runs, tiny_dirs, tmp_path):
         shutil.copytree(runs["sd"][0] / s, tmp_path / s)
     args = [*CLI, "train", "--from", str(tiny_dirs["sd"]), "--prompts", str(prompts), "--work", str(tmp_path),
             "--smoke"]
-    proc = subprocess.Popen(args + ["--set", "nitro.phase_steps=[100000]"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     state = tmp_path / "nitro" / "checkpoint" / "state.json"
-    deadline = time.monotonic() + 180
-    while not (state.is_file() and json.loads(state.read_text())["step"] >= 2):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "no checkpoint within 180 s"
-        time.sleep(0.2)  # polling for a file another process writes, not a timing assertion
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step = json.loads(state.read_text())["step"]
+    step = kill_after_checkpoint(args + ["--set", "nitro.phase_steps=[100000]"], state)
     chunks = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("chunk_*.pt")}
     done = subprocess.run(args + ["--set", f"nitro.phase_steps=[{step + 1}]"], capture_output=True, text=True,
                           timeout=300)

@@ -1,11 +1,8 @@
 """Two-step smoke test of every stage on tiny models, resume after a stop and after a kill, the exported student."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ from nitrofusion.pipeline import load_pipeline
 from trainer.config import STAGES, TrainConfig, apply_overrides, recipe
 from trainer.recipe import run
 
-from .helpers import CLI
+from .helpers import CLI, kill_after_checkpoint
 
 TRAINED = ["autoencoder", "text", "teacher", "init", "nitro"]  # stages with an optimizer and a step count
 CHECKPOINT_FILES = {"autoencoder": ["vae"], "text": ["text"], "teacher": ["unet"], "init": ["unet"],
@@ -129,17 +126,8 @@ def test_cli_train_resumes_after_sigkill(tiny_run, tmp_path):
     _, work, _ = tiny_run
     copy_stages(work, tmp_path, ["autoencoder", "text"])
     args = [*CLI, "train", "--recipe", "tiny", "--work", str(tmp_path), "--stage", "teacher"]
-    proc = subprocess.Popen(args + ["--set", "teacher.optim.steps=100000"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     state = tmp_path / "teacher" / "checkpoint" / "state.json"
-    deadline = time.monotonic() + 180
-    while not (state.is_file() and json.loads(state.read_text())["step"] >= 2):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "no checkpoint within 180 s"
-        time.sleep(0.2)  # polling for a file another process writes, not a timing assertion
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step = json.loads(state.read_text())["step"]
+    step = kill_after_checkpoint(args + ["--set", "teacher.optim.steps=100000"], state)
     done = subprocess.run(args + ["--set", f"teacher.optim.steps={step + 1}"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from .config import DataConfig, PreviewConfig, TrainConfig, apply_overrides, recipe
 from .loop import set_lr
 from .shapes import ShapesDataset
+from .stage1 import decode_latents, encode_images
 
 SETTINGS_FILE = "distill_config.json"  # beside config.json in vae_preview/: how it was made, and how well it does
 
@@ -53,29 +54,17 @@ def build_preview_decoder(cfg: PreviewConfig, latent_channels: int, levels: int)
 
 
 @torch.no_grad()
-def encode(vae, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> UNet-space latents (posterior mean x scaling_factor)."""
-    return vae.encode(images).latent_dist.mean * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def full_decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """What TorchBackend.decode computes before the uint8 postprocess, clamped to the range it keeps."""
-    return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
-
-
-@torch.no_grad()
 def make_pairs(vae, data: ShapesDataset, indices: range, noise: float, perturb: bool,
                gen: torch.Generator, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     lat, tgt = [], []
     for start in range(indices.start, indices.stop, batch):
         images, _ = data.batch(range(start, min(start + batch, indices.stop)))
-        z = encode(vae, torch.from_numpy(images))
+        z = encode_images(vae, torch.from_numpy(images))
         if perturb:
             s = torch.rand(z.shape[0], 1, 1, 1, generator=gen) * noise
             z = z + s * torch.randn(z.shape, generator=gen)
         lat.append(z)
-        tgt.append(full_decode(vae, z))
+        tgt.append(decode_latents(vae, z))
     return torch.cat(lat), torch.cat(tgt)
 
 

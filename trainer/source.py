@@ -61,18 +61,9 @@ def unet_file_mismatch(unet, path: Path) -> str | None:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as e:
         return f"not a readable .safetensors file ({e})"
-    own = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    missing, unexpected = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
-    mismatched = sorted(k for k in own.keys() & shapes.keys() if own[k] != shapes[k])
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
-    if mismatched:
-        k = mismatched[0]
-        parts.append(f"{len(mismatched)} shape mismatches (e.g. {k}: file {shapes[k]}, model {own[k]})")
-    return "; ".join(parts) or None
+    from nitrofusion.models import state_mismatch
+
+    return state_mismatch({k: tuple(v.shape) for k, v in unet.state_dict().items()}, shapes)
 
 
 def check_init_unet(unet, path: str | Path) -> None:

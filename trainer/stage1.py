@@ -33,12 +33,13 @@ def load_frozen(folders: dict[str, Path], device) -> dict:
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> scaled latent means (B, 4, H/8, W/8)."""
+    """(B, 3, H, W) in [-1, 1] -> UNet-space latents: posterior means x scaling_factor, (B, C, H/f, W/f)."""
     return vae.encode(images).latent_dist.mean * vae.config.scaling_factor
 
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """What TorchBackend.decode computes before the uint8 postprocess, clamped to the range it keeps."""
     return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
