@@ -84,6 +84,25 @@ def test_prediction_errors_are_learned():
         p.observe_latency(predicted_s=0.2, actual_s=0.35)  # 150 ms late, every time
     c = p.choose(1, 4, 0, 0)
     assert c.steps == 3 and c.predicted_s == pytest.approx(0.3, abs=0.01)
-    for _ in range(60):
+    for _ in range(150):
+        p.observe_latency(predicted_s=0.3, actual_s=0.2)
+    assert p.choose(1, 4, 0, 0).steps == 3  # 30 late of 180: the top decile is still late
+    for _ in range(p.error_window - 150):  # the late ones leave the window
         p.observe_latency(predicted_s=0.3, actual_s=0.2)
     assert p.choose(1, 4, 0, 0).steps == 4
+
+
+def test_the_correction_aims_at_the_tail_not_the_typical_request():
+    """A server whose requests are mostly on time but one in eight is 150 ms late (a stall the model cannot see)
+    chooses as if late: the goal is p99 within 1.5x the target, and a median correction would ignore the
+    stalls. error_quantile=0.5 keeps the old, typical-request behaviour."""
+    late = [0.15 if i % 8 == 0 else 0.0 for i in range(80)]
+    careful, typical = policy(target_ms=300, step_ms=50), policy(target_ms=300, step_ms=50)
+    typical.error_quantile = 0.5
+    for p in careful, typical:
+        for e in late:
+            p.observe_latency(predicted_s=0.2, actual_s=0.2 + e)
+    assert careful.correction_s() == pytest.approx(0.15) and careful.choose(1, 4, 0, 0).steps == 3
+    assert typical.correction_s() == 0.0 and typical.choose(1, 4, 0, 0).steps == 4
+    with pytest.raises(ValueError, match="quantile"):
+        StepPolicy(0.3, max_batch=1, buckets=(1,), error_quantile=1.5)
