@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from trainer.eval_stats import cell, fid_ci, proportion_ci
+from trainer.eval_stats import cell, fid_ci, paired_difference_ci, proportion_ci
 from trainer.features import frechet_distance
 
 
@@ -49,3 +49,46 @@ def test_cells_read_as_value_then_interval():
     assert cell(0.63, (0.609, 0.651), 100, unit="%") == "63.0% [60.9, 65.1]"
     assert cell(38.35, (36.2, 40.91), fmt=".2f") == "38.35 [36.20, 40.91]"
     assert cell(0.5, None, 100, unit="%") == "50.0%"
+
+
+def test_paired_difference_is_tighter_than_the_rows_own_intervals_and_sees_a_small_gain():
+    """Two rows over the same 400 images that mostly pass or fail together, B fixing 16 of A's misses: their own
+    intervals overlap, the paired interval of B - A excludes 0. Identical rows give exactly 0."""
+    rng = np.random.default_rng(3)
+    a = rng.random(400) < 0.7
+    b = a.copy()
+    b[np.flatnonzero(~a)[:16]] = True  # +4 points
+    lo_a, hi_a = proportion_ci(a)
+    lo_b, hi_b = proportion_ci(b)
+    assert lo_b < hi_a  # the rows' own intervals overlap
+    lo, hi = paired_difference_ci(b, a)
+    assert 0 < lo < 0.04 < hi < 0.07
+    assert paired_difference_ci(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same images"):
+        paired_difference_ci(a, b[:10])
+
+
+def test_target_lines_say_met_only_beyond_the_interval():
+    """EVAL.md's targets: 4 steps vs 1 step and the full method vs the control, from the rows' per-image hits."""
+    from trainer.evaluate import CONTROL_1, Result, Row, target_lines
+
+    rng = np.random.default_rng(0)
+    base = rng.random(400) < 0.7
+
+    def result(name, hits, fid):
+        hits = [bool(h) for h in hits]
+        return Result(Row(name, "student", "x", 1), 400, float(np.mean(hits)), {}, fid, 0.0,
+                      proportion_ci(hits), (fid - 5, fid + 5), hits)
+
+    better = base.copy()
+    better[np.flatnonzero(~base)[:20]] = True
+    teacher = result("teacher", base, 40.0)
+    rows = {r.row.name: r for r in (result("NitroFusion 1 step", better, 45.0), result("NitroFusion 4 steps", base, 44.0),
+                                    result("one-step init", base, 60.0), result(CONTROL_1, base, 46.0))}
+    text = "\n".join(target_lines(rows, teacher))
+    assert "4-step alignment >= the 1-step figure: **" in text and "-5.0 points [" in text
+    control = next(line for line in text.splitlines() if "control, 1 step" in line)
+    assert control.endswith("(met)") and "+5.0 points [" in control
+    rows[CONTROL_1] = result(CONTROL_1, better, 46.0)  # the same images: no gain, FID intervals overlap
+    control = next(line for line in target_lines(rows, teacher) if "control, 1 step" in line)
+    assert control.endswith("(not met)") and "+0.0 points [+0.0, +0.0]" in control

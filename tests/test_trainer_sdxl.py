@@ -103,11 +103,13 @@ def grads(module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(("family", "steps"), [("sdxl", 1), ("sdxl", 2), ("sd", 2)])
-def test_two_micro_batches_of_two_equal_one_batch_of_four(family, steps):
+@pytest.mark.parametrize(("family", "steps", "mismatch"), [("sdxl", 1, 0), ("sdxl", 2, 0), ("sd", 2, 0), ("sd", 1, 1)])
+def test_two_micro_batches_of_two_equal_one_batch_of_four(family, steps, mismatch):
     """Gradient accumulation: the generator's gradient into the student and the discriminator's into the heads are
-    the same for one batch of 4 and for 2 accumulated micro-batches of 2 (same rows, same noise)."""
+    the same for one batch of 4 and for 2 accumulated micro-batches of 2 (same rows, same noise). With
+    nitro.pool.mismatch the reals' borrowed prompts pair up over the whole batch, so that holds too."""
     nets, text, cfg = build(family)
+    cfg.pool.mismatch = mismatch
     plan, batch = make_batch(nets, text, cfg, steps)
     results = []
     for micro in (4, 2):
@@ -127,8 +129,33 @@ def test_two_micro_batches_of_two_equal_one_batch_of_four(family, steps):
         torch.testing.assert_close(g_a[name], g_b[name], rtol=1e-4, atol=1e-6, msg=name)
     for name in d_a:
         torch.testing.assert_close(d_a[name], d_b[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert ("acc_mismatch" in ld_a) == bool(mismatch)
     with pytest.raises(ValueError, match="micro-batches of 3"):
         generator_backward(nets, plan, batch, cfg, 3)
+
+
+def test_mismatched_prompts_train_only_the_conditional_heads():
+    """nitro.pool.mismatch adds reals shown with another row's prompt as fakes: the conditional heads' gradients
+    change, the unconditional heads' (which never see the prompt) stay exactly as without it."""
+    nets, text, cfg = build("sd")
+    plan, batch = make_batch(nets, text, cfg, 1)
+    fake = batch.target.clone()
+    out = {}
+    for w in (0.0, 1.0):
+        cfg.pool.mismatch = w
+        nets.pool.zero_grad(set_to_none=True)
+        logs = discriminator_backward(nets, plan, batch, fake, cfg, len(batch))
+        out[w] = (grads(nets.pool), logs)
+    (g0, logs0), (g1, logs1) = out[0.0], out[1.0]
+    assert g0.keys() == g1.keys() and 0 <= logs1["acc_mismatch"] <= 1 and "acc_mismatch" not in logs0
+    assert logs1["acc_real"] == logs0["acc_real"] and logs1["loss_d"] > logs0["loss_d"]
+    tasks = {name: nets.raw_pool.slot_of(int(name.split(".")[1]))[2] for name in g0}
+    cond = [n for n in g0 if tasks[n] != "local_uncond"]
+    uncond = [n for n in g0 if tasks[n] == "local_uncond"]
+    assert cond and uncond
+    for n in uncond:
+        torch.testing.assert_close(g0[n], g1[n], rtol=0, atol=0, msg=n)
+    assert any(not torch.allclose(g0[n], g1[n]) for n in cond)
 
 
 def test_skeleton_accumulation_equals_one_batch():

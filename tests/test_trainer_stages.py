@@ -301,3 +301,22 @@ def test_shapes16_recipe_is_4x_down_and_its_parts_agree(tmp_path):
     assert shapes.autoencoder.scale_factor == 8 and shapes.teacher.offset_noise == 0 and shapes.nitro.disc_steps == 1
     cfg.save(tmp_path / "c.json")
     assert TrainConfig.load(tmp_path / "c.json") == cfg
+
+
+def test_adv_min_steps_keeps_the_heads_off_one_step_iterations(tiny_run, tmp_path):
+    """nitro.adv_min_steps=2: a phase of 1-step iterations trains the student exactly as the no-discriminator
+    control does (the heads still train beside it), while the full method's heads move it elsewhere."""
+    _, work, _ = tiny_run
+    students = {}
+    for name, sets in {"control": ["nitro.adv_weight=0"], "adv2": ["nitro.adv_min_steps=2"],
+                       "full": []}.items():
+        d = tmp_path / name
+        copy_stages(work, d, ["autoencoder", "text", "teacher", "cache", "init"])
+        cfg = apply_overrides(recipe("tiny"), [*sets, "nitro.phase_steps=[2]", "nitro.optim.lr=1e-2"])
+        run(cfg, d, d / "model", ["nitro"])
+        students[name] = load_file(d / "nitro" / "unet" / "diffusion_pytorch_model.safetensors")
+    for k, v in students["control"].items():
+        torch.testing.assert_close(students["adv2"][k], v, rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(students["full"][k], v) for k, v in students["control"].items())
+    with pytest.raises(ValueError, match="adv_min_steps"):
+        apply_overrides(recipe("tiny"), ["nitro.adv_min_steps=2", "nitro.reg_weight=0"])

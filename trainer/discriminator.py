@@ -19,6 +19,8 @@ from .conditioning import Conditioning, zero_conditioning
 from .config import PoolConfig
 from .models import add_noise
 
+COND_TASKS = ("global_cond", "local_cond")  # the tasks whose features are computed with the prompt
+
 
 class FrozenEncoder(nn.Module):
     """The teacher UNet's encoder (down blocks + mid block), frozen; gradients still flow to its input.
@@ -245,9 +247,11 @@ class Views:
         return self.rows(slice(0, n)), self.rows(slice(n, None))
 
     @staticmethod
-    def cat(a: Views, b: Views) -> Views:
-        crop = (a.ys + b.ys, a.xs + b.xs) if a.ys is not None else (None, None)
-        return Views(torch.cat([a.noise, b.noise]), *crop, a.side)
+    def cat(*views: Views) -> Views:
+        first = views[0]
+        crop = ([y for v in views for y in v.ys], [x for v in views for x in v.xs]) if first.ys is not None \
+            else (None, None)
+        return Views(torch.cat([v.noise for v in views]), *crop, first.side)
 
 
 def encoder_features(encoder: FrozenEncoder, x0: torch.Tensor, t_star: int, cond: Conditioning,
@@ -285,6 +289,12 @@ def d_loss(real: dict[int, torch.Tensor], fake: dict[int, torch.Tensor], kind: s
             terms.append(F.relu(1 - r).mean() + F.relu(1 + fake[i]).mean())
         else:  # non-saturating softplus (DMD2's form)
             terms.append(F.softplus(-r).mean() + F.softplus(fake[i]).mean())
+    return _combine(terms, reduce)
+
+
+def mismatch_loss(mismatched: dict[int, torch.Tensor], kind: str, reduce: str = "mean") -> torch.Tensor:
+    """The conditional heads' term for reals shown with another row's prompt: those are fakes too."""
+    terms = [F.relu(1 + m).mean() if kind == "hinge" else F.softplus(m).mean() for m in mismatched.values()]
     return _combine(terms, reduce)
 
 

@@ -38,6 +38,21 @@ def proportion_ci(hits, resamples: int = RESAMPLES, seed: int = SEED,
     return _bounds(hits[idx].mean(axis=1), level)
 
 
+def paired_difference_ci(hits_a, hits_b, resamples: int = RESAMPLES, seed: int = SEED,
+                         level: float = LEVEL) -> tuple[float, float]:
+    """Interval for mean(a) - mean(b) of two 0/1 vectors over the same images (the same prompts and seeds): one
+    resample draws image indices once for both rows, so what the rows share (a prompt both fail) cancels out.
+    Tighter than comparing the two rows' own intervals, and the right question for "is A better than B"."""
+    a, b = np.asarray(hits_a, dtype=np.float64), np.asarray(hits_b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired rows need the same images: {a.shape} vs {b.shape}")
+    if a.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.size, size=(resamples, a.size))
+    return _bounds((a - b)[idx].mean(axis=1), level)
+
+
 def _root(cov: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh(cov)
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T

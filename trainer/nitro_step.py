@@ -19,7 +19,17 @@ from nitrofusion.sampler import LCMSampler
 
 from .conditioning import Conditioning, rows, unet_kwargs
 from .config import NitroConfig
-from .discriminator import FrozenEncoder, HeadPool, Views, d_loss, encoder_features, g_loss, head_accuracy
+from .discriminator import (
+    COND_TASKS,
+    FrozenEncoder,
+    HeadPool,
+    Views,
+    d_loss,
+    encoder_features,
+    g_loss,
+    head_accuracy,
+    mismatch_loss,
+)
 from .loop import autocast, micro_contexts
 
 
@@ -54,6 +64,7 @@ class Plan:
     steps: int  # k: the student generates with k steps, gradients through the last
     reg: float  # weight of the L2 anchor this iteration (0: none)
     tasks: set[str] = field(default_factory=set)
+    adv: float | None = None  # weight of the adversarial term this iteration (None: nitro.adv_weight)
 
 
 @dataclass
@@ -146,7 +157,8 @@ def generator_backward(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig
             with acc.no_sync(nets.pool) if multi else torch.enable_grad():
                 loss_adv = g_loss(nets.pool(feats, plan.heads), c.loss, c.pool.reduce)
                 loss_reg = F.mse_loss(fake, target) if plan.reg else torch.zeros((), device=fake.device)
-                loss_g = c.adv_weight * loss_adv + plan.reg * loss_reg
+                adv_weight = c.adv_weight if plan.adv is None else plan.adv
+                loss_g = adv_weight * loss_adv + plan.reg * loss_reg
                 acc.backward(loss_g / len(parts))
         fakes.append(fake.detach())
         adv += loss_adv.item() / len(parts)
@@ -179,26 +191,40 @@ def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch, fake: torc
     accuracy on reals and on fakes (before this update: what the heads knew when they judged)."""
     acc = nets.accelerator
     parts = micro_slices(len(batch), micro)
-    total, acc_real, acc_fake = 0.0, 0.0, 0.0
+    cond_heads = [h for h in plan.heads if nets.raw_pool.slot_of(h)[2] in COND_TASKS]
+    mismatch = c.pool.mismatch > 0 and bool(cond_heads)
+    total, acc_real, acc_fake, acc_mis = 0.0, 0.0, 0.0, 0.0
     for (_, ctx), sl in zip(micro_contexts(acc, nets.pool, len(parts)), parts):
         mb = batch.rows(sl)
         real_views, fake_views = mb.d_views[update]
         n = mb.real.shape[0]
+        x0, conds, views = [mb.real, fake[sl]], [mb.real_cond, mb.cond], [real_views, fake_views]
+        if mismatch:  # each real row again, with the next row's prompt (over the whole batch, so micro-batching
+            # pairs rows as one batch would); a repeated prompt among a batch's rows is rare in these grammars
+            other = (torch.arange(sl.start, sl.stop) + 1) % len(batch)
+            x0, conds, views = x0 + [mb.real], conds + [rows(batch.real_cond, other)], views + [real_views]
         with ctx, autocast(acc):
             with torch.no_grad():
-                both = encoder_features(nets.encoder, torch.cat([mb.real, fake[sl]]), plan.t_star,
-                                        Conditioning.cat([mb.real_cond, mb.cond]),
-                                        Conditioning.cat([mb.uncond, mb.uncond]), plan.tasks, nets.abar,
-                                        Views.cat(real_views, fake_views))
-            logits = nets.pool(both, plan.heads)
-            real, fake_logits = {i: v[:n] for i, v in logits.items()}, {i: v[n:] for i, v in logits.items()}
+                feats = encoder_features(nets.encoder, torch.cat(x0), plan.t_star, Conditioning.cat(conds),
+                                         Conditioning.cat([mb.uncond] * len(x0)), plan.tasks, nets.abar,
+                                         Views.cat(*views))
+            logits = nets.pool(feats, plan.heads)
+            real, fake_logits = {i: v[:n] for i, v in logits.items()}, {i: v[n:2 * n] for i, v in logits.items()}
             loss_d = d_loss(real, fake_logits, c.loss, c.pool.reduce)
+            if mismatch:
+                mis = {i: logits[i][2 * n:] for i in cond_heads}
+                loss_d = loss_d + c.pool.mismatch * mismatch_loss(mis, c.loss, c.pool.reduce)
             acc.backward(loss_d / len(parts))
         total += loss_d.item() / len(parts)
         hit_r, hit_f = head_accuracy(real, fake_logits)
         acc_real += hit_r / len(parts)
         acc_fake += hit_f / len(parts)
-    return {"loss_d": total, "acc_real": acc_real, "acc_fake": acc_fake}
+        if mismatch:
+            acc_mis += head_accuracy(mis, mis)[1] / len(parts)
+    logs = {"loss_d": total, "acc_real": acc_real, "acc_fake": acc_fake}
+    if c.pool.mismatch > 0:
+        logs["acc_mismatch"] = acc_mis if mismatch else float("nan")
+    return logs
 
 
 def discriminator_step(nets: NitroNets, plan: Plan, batch: Batch, fake: torch.Tensor, c: NitroConfig,

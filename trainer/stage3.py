@@ -121,7 +121,8 @@ class NitroJob(StageJob):
         opt_d = nets.opt_d
         self.refreshed = nets.raw_pool.refresh(shared, opt_d.optimizer if hasattr(opt_d, "optimizer") else opt_d)
         reg = c.reg_weight if steps == 1 or c.reg_multistep != "off" else 0.0
-        plan = Plan(t_star, heads, steps, reg, nets.raw_pool.tasks_of(heads))
+        adv = c.adv_weight if steps >= c.adv_min_steps else 0.0
+        plan = Plan(t_star, heads, steps, reg, nets.raw_pool.tasks_of(heads), adv)
         # Fakes start from fresh noise, or (reg_weight > 0) from cached teacher noises, whose samples are targets.
         b = c.optim.batch_size * c.optim.grad_accum
         pairs = cache_batch(self.cache, gen, b)
@@ -154,6 +155,8 @@ class NitroJob(StageJob):
             logs["loss_reg"] = g_logs["loss_reg"]
         # Appended after the existing columns, so scripts that read metrics.csv by position keep working.
         logs["acc_real"], logs["acc_fake"] = d_logs["acc_real"], d_logs["acc_fake"]
+        if "acc_mismatch" in d_logs:  # nitro.pool.mismatch: the conditional heads on reals with a wrong prompt
+            logs["acc_mismatch"] = d_logs["acc_mismatch"]
         return logs
 
     @property
