@@ -1,5 +1,7 @@
 """The discriminator: frozen teacher encoder features, head pool sampling, gradients, refresh, crops, losses."""
 
+import math
+
 import pytest
 import torch
 
@@ -199,3 +201,19 @@ def test_min_snr_weighting_leaves_noisy_rows_alone_and_scales_clean_ones_down():
     snr = abar[10] / (1 - abar[10])
     expected = (mse[0] * 5 / snr + mse[1]) / 2
     assert epsilon_loss(eps, noise, t, abar, 5.0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mismatch_term_shares_the_fake_side_so_calling_everything_fake_does_not_pay():
+    """nitro.pool.mismatch: a conditional head's fake side is (fake + w x mismatched) / (1 + w). A head with one
+    constant logit then does best at 0 (chance), as without the term; added instead of shared, the constant
+    optimum moves to the fake side (measured: the heads called every input fake)."""
+    def loss(c, w):
+        x = torch.full((2, 1, 2, 2), float(c))
+        return d_loss({0: x}, {0: x}, "softplus", mismatched={0: x}, mismatch=w).item()
+
+    for w in (0.5, 1.0, 2.0):
+        assert loss(0.0, w) == pytest.approx(2 * math.log(2))
+        assert loss(0.0, w) < loss(-0.3, w) and loss(0.0, w) < loss(0.3, w)
+    plain = d_loss({0: torch.ones(2, 1, 2, 2)}, {0: -torch.ones(2, 1, 2, 2)}, "softplus").item()
+    assert d_loss({0: torch.ones(2, 1, 2, 2)}, {0: -torch.ones(2, 1, 2, 2)}, "softplus",
+                  mismatched={0: -torch.ones(2, 1, 2, 2)}, mismatch=1.0).item() == pytest.approx(plain)

