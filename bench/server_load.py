@@ -38,11 +38,11 @@ def save_standin_model(path: Path) -> Path:
     as models/default, for measuring before the trained model exists."""
     from diffusers import StableDiffusionPipeline
 
-    from trainer.config import recipe
+    from trainer.config import BUNDLED_RECIPE, recipe
     from trainer.export import student_scheduler
     from trainer.models import build_text_encoder, build_tokenizer, build_unet, build_vae
 
-    cfg = recipe("shapes")
+    cfg = recipe(BUNDLED_RECIPE)
     tok = build_tokenizer(cfg.text.max_length)
     vae = build_vae(cfg.autoencoder, cfg.data.image_size)
     factor = 2 ** (len(cfg.autoencoder.block_out_channels) - 1)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from nitrofusion.generation import GenerationRequest
 from nitrofusion.pipeline import default_model_dir, load_pipeline
-from trainer.config import TrainConfig, recipe
+from trainer.config import BUNDLED_RECIPE, TrainConfig, recipe
 from trainer.evaluate import SEED0, alignment, eval_set
 
 from .helpers import load_script, run_cli
@@ -30,7 +30,7 @@ def test_bundled_student_follows_prompts_at_one_step():
     """The first 64 eval prompts and seeds, 1 step, torch backend: the same images `nitrofusion eval` scored."""
     pipe = load_pipeline(None, device="cpu", backend="torch")
     assert pipe.shift == 250 and pipe.model.native_size == 64
-    prompts, attrs, _ = eval_set(recipe("shapes"), "train", 64)
+    prompts, attrs, _ = eval_set(recipe(BUNDLED_RECIPE), "train", 64)
     images = np.stack(pipe([GenerationRequest(p, 1, SEED0 + i, 64, 64) for i, p in enumerate(prompts)]))
     score, per = alignment(images, attrs)
     assert score >= MIN_ALIGNMENT, (score, per)
@@ -40,7 +40,7 @@ def test_bundled_student_follows_prompts_at_one_step():
 def test_bundled_model_was_trained_by_the_documented_recipe():
     """`nitrofusion train --recipe shapes` must reproduce models/default: a recipe default changed without
     retraining (or a model retrained with overrides) fails here."""
-    assert TrainConfig.load(default_model_dir() / "train_config.json") == recipe("shapes")
+    assert TrainConfig.load(default_model_dir() / "train_config.json") == recipe(BUNDLED_RECIPE)
 
 
 def test_bundled_autoencoder_reconstructions_pass_the_detector_and_small_checkered_ones_fail_most():

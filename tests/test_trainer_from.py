@@ -17,7 +17,7 @@ from cli.main import main as cli_main
 from nitrofusion.generation import GenerationRequest
 from nitrofusion.pipeline import load_pipeline
 from nitrofusion.tiny import save_tiny_model
-from trainer.config import apply_overrides, recipe
+from trainer.config import BUNDLED_RECIPE, apply_overrides, recipe
 from trainer.presets import smoke
 from trainer.recipe import run
 
@@ -285,9 +285,9 @@ def test_smoke_preset_and_set_after_it(tmp_path):
     assert cfg.recipe == "pretrained" and cfg.cache.num_pairs == 6 and out == tmp_path / "w" / "model"
     assert cfg.source.model == str(tmp_path.resolve()) and cfg.source.prompts == "p.txt"  # absent: kept as given
     cfg, _, out = resolve(p.parse_args([]))
-    assert cfg == recipe("shapes") and out.parts[-2:] == ("models", "default")  # the shapes recipe as before
+    assert cfg == recipe(BUNDLED_RECIPE) and out.parts[-2:] == ("models", "default")  # the bundled model's recipe
     _, work, out = resolve(p.parse_args(["--smoke"]))  # never over the full run's folders or models/default
-    assert work.name == "shapes-smoke" and out == work / "model"
+    assert work.name == f"{BUNDLED_RECIPE}-smoke" and out == work / "model"
 
 
 def test_teacher_solvers_agree_and_lcm_is_the_students_sampler():

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import RECIPE_NAMES, STAGES, TrainConfig, apply_overrides, recipe
+from .config import BUNDLED_RECIPE, RECIPE_NAMES, STAGES, TrainConfig, apply_overrides, recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def resolve(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path]:
     flags = {"model": args.from_model, "prompts": args.prompts, "init_unet": args.init_unet,
              "teacher_unet": args.teacher_unet}
     cfg = TrainConfig.load(config_file) if config_file else recipe(args.recipe or ("pretrained" if args.from_model
-                                                                                    else "shapes"))
+                                                                                    else BUNDLED_RECIPE))
     for key, value in flags.items():
         if value:
             setattr(cfg.source, key, _path(value))
@@ -75,8 +75,8 @@ def resolve(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path]:
         raise ValueError("--from needs --work DIR (stages, checkpoints and metrics; a rerun resumes from it)")
     # A smoke run never lands in a full run's folders (its stages would be marked done) or in models/default.
     work = Path(args.work) if args.work else REPO / "outputs" / (cfg.recipe + ("-smoke" if args.smoke else ""))
-    shapes_default = cfg.recipe == "shapes" and not src.model and not args.smoke
-    default_out = REPO / "models" / "default" if shapes_default else work / "model"
+    bundled = cfg.recipe == BUNDLED_RECIPE and not src.model and not args.smoke
+    default_out = REPO / "models" / "default" if bundled else work / "model"
     return cfg, work, Path(args.out) if args.out else default_out
 
 
@@ -116,8 +116,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--work", default=str(REPO / "outputs" / "shapes"), metavar="DIR",
-                   help="the training work folder (default: outputs/shapes); its config is read from there")
+    p.add_argument("--work", default=str(REPO / "outputs" / BUNDLED_RECIPE), metavar="DIR",
+                   help="the training work folder (default: outputs/<the bundled model's recipe>); its config is read from there")
     p.add_argument("--model", default=str(REPO / "models" / "default"), metavar="DIR",
                    help="the exported student folder the student rows run through (default: models/default)")
     p.add_argument("--images", type=int, default=2000, help="images per row, also per FID side (default 2000)")
@@ -142,7 +142,7 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.images < 2:
         raise NitroError("--images must be at least 2 (FID needs a covariance)")
     if cfg_file is None and not args.train_features:
-        raise NitroError(f"{work} holds no trained stages: run `nitrofusion train --recipe shapes` first")
+        raise NitroError(f"{work} holds no trained stages: run `nitrofusion train --recipe {BUNDLED_RECIPE}` first")
     from nitrofusion.models import quiet_libraries
 
     quiet_libraries()

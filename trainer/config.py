@@ -34,6 +34,8 @@ STAGES = ("autoencoder", "text", "teacher", "cache", "init", "nitro", "export", 
 # The stages only the shapes source runs (it trains its own frozen components); every source runs the rest.
 SOURCE_STAGES = ("autoencoder", "text", "teacher")
 RECIPE_NAMES = ("shapes", "shapes16", "tiny", "pretrained")
+# The recipe that made models/default: `nitrofusion train` without --recipe or --from runs it into models/default.
+BUNDLED_RECIPE = "shapes"
 
 
 @dataclass
@@ -146,4 +148,4 @@ def recipe(name: str) -> TrainConfig:
     return PRESETS[name]()
 
 
-__all__ = ["RECIPE_NAMES", "SOURCE_STAGES", "STAGES", "TASKS", "TrainConfig", "apply_overrides", "recipe"]
+__all__ = ["BUNDLED_RECIPE", "RECIPE_NAMES", "SOURCE_STAGES", "STAGES", "TASKS", "TrainConfig", "apply_overrides", "recipe"]

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import DataConfig, PreviewConfig, TrainConfig, apply_overrides, recipe
+from .config import BUNDLED_RECIPE, DataConfig, PreviewConfig, TrainConfig, apply_overrides, recipe
 from .loop import set_lr
 from .shapes import ShapesDataset
 from .stage1 import decode_latents, encode_images
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(args.model)
     saved = model / "train_config.json"
     try:
-        cfg = apply_overrides(TrainConfig.load(saved) if saved.is_file() else recipe("shapes"), args.overrides)
+        cfg = apply_overrides(TrainConfig.load(saved) if saved.is_file() else recipe(BUNDLED_RECIPE), args.overrides)
         write_preview(model, cfg)
     except (ValueError, OSError) as e:
         print(f"preview_decoder: error: {e}", file=sys.stderr)
