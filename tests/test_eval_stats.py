@@ -92,3 +92,38 @@ def test_target_lines_say_met_only_beyond_the_interval():
     rows[CONTROL_1] = result(CONTROL_1, better, 46.0)  # the same images: no gain, FID intervals overlap
     control = next(line for line in target_lines(rows, teacher) if "control, 1 step" in line)
     assert control.endswith("(not met)") and "+0.0 points [+0.0, +0.0]" in control
+
+
+def test_compare_runs_pairs_each_variant_with_the_reference_row_by_row(tmp_path):
+    """bench/compare_runs.py reads eval/<row>.json of each work folder: a variant that fixes 20 of the reference's
+    400 misses shows +5.0 points with a paired interval above 0; rows without per-image hits get no difference."""
+    import json
+
+    from .helpers import load_script
+
+    rng = np.random.default_rng(1)
+    base = rng.random(400) < 0.6
+    better = base.copy()
+    better[np.flatnonzero(~base)[:20]] = True
+
+    def write(work, name, hits):
+        (work / "eval").mkdir(parents=True, exist_ok=True)
+        result = {"alignment": 0.5, "alignment_ci": None, "fid": 40.0, "fid_ci": [35.0, 45.0], "hits": None}
+        if hits is not None:
+            result.update(alignment=float(np.mean(hits)), alignment_ci=list(proportion_ci(hits)),
+                          hits=[bool(h) for h in hits])
+        (work / "eval" / f"{name}.json").write_text(json.dumps({"key": {"row": {"name": name}}, "result": result}))
+
+    write(tmp_path / "ref", "NitroFusion 1 step", base)
+    write(tmp_path / "var", "NitroFusion 1 step", better)
+    write(tmp_path / "ref", "NitroFusion 4 steps", base)
+    write(tmp_path / "var", "NitroFusion 4 steps", None)
+    mod = load_script("bench/compare_runs.py")
+    lines = mod.table(("ctrl", tmp_path / "ref"), [("mm", tmp_path / "var")])
+    one = next(line for line in lines if line.startswith("| mm | NitroFusion 1 step"))
+    lo = float(one.split("| +5.0 [")[1].split(",")[0])
+    assert lo > 0
+    four = next(line for line in lines if line.startswith("| mm | NitroFusion 4 steps"))
+    assert "|  |" in four
+    with pytest.raises(SystemExit, match="NAME=WORK_DIR"):
+        mod.main(["--ref", str(tmp_path)])

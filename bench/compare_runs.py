@@ -1,0 +1,77 @@
+"""Compare stage-3 variants that `nitrofusion eval` scored on the same prompts and seeds: each row's alignment
+and shapes-FID with its 95% interval, and each variant's alignment minus the reference's with the paired 95%
+interval (trainer/eval_stats.py: resampling the same images for both, so a gain smaller than the rows' own
+intervals can still be told apart from noise). Reads each work folder's eval/<row>.json; run
+`nitrofusion eval --work W --model W/model --no-ablations --images N` on each first.
+
+    python bench/compare_runs.py --ref control=/work/runs/ctrl --run mismatch=/work/runs/mm --run plain=/work/runs/p
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ROWS = ("one-step init", "NitroFusion 1 step", "NitroFusion 2 steps", "NitroFusion 3 steps", "NitroFusion 4 steps")
+
+
+def load_rows(work: Path) -> dict[str, dict]:
+    """Row name -> cached result (with its `images` count and per-image `hits` when the eval kept them)."""
+    out = {}
+    for f in sorted((work / "eval").glob("*.json")):
+        d = json.loads(f.read_text())
+        out[d["key"]["row"]["name"]] = d["result"]
+    return out
+
+
+def named(items: list[str]) -> list[tuple[str, Path]]:
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"compare_runs: error: expected NAME=WORK_DIR, got {item!r}")
+        pairs.append((name, Path(path)))
+    return pairs
+
+
+def table(ref: tuple[str, Path], runs: list[tuple[str, Path]]) -> list[str]:
+    from trainer.eval_stats import cell, paired_difference_ci
+
+    ref_rows = load_rows(ref[1])
+    lines = [f"| variant | row | alignment | vs {ref[0]} (paired) | shapes-FID |", "|---|---|---|---|---|"]
+    for name, work in [ref, *runs]:
+        rows = load_rows(work)
+        for row in ROWS:
+            r = rows.get(row)
+            if r is None:
+                continue
+            diff = ""
+            base = ref_rows.get(row)
+            if name != ref[0] and base and r.get("hits") and base.get("hits") and len(r["hits"]) == len(base["hits"]):
+                lo, hi = paired_difference_ci(r["hits"], base["hits"])
+                diff = f"{(r['alignment'] - base['alignment']) * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+            lines.append(f"| {name} | {row} | {cell(r['alignment'], r.get('alignment_ci'), 100, unit='%')} | {diff} "
+                         f"| {cell(r['fid'], r.get('fid_ci'), fmt='.2f')} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ref", required=True, help="NAME=WORK_DIR: the reference variant (e.g. the control)")
+    p.add_argument("--run", action="append", default=[], help="NAME=WORK_DIR, repeatable")
+    a = p.parse_args(argv)
+    ref, runs = named([a.ref])[0], named(a.run)
+    for _, w in [ref, *runs]:
+        if not (w / "eval").is_dir():
+            raise SystemExit(f"compare_runs: error: {w}/eval does not exist: run nitrofusion eval on it first")
+    print("\n".join(table(ref, runs)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
