@@ -263,7 +263,8 @@ class NitroConfig:
     # 2: 1-step iterations learn from the L2 term alone and the heads judge only k-step outputs, whose L2 target
     # is ill-posed (reg_multistep). Why: on shapes16 the heads sat at chance on 1-step fakes and their gradient
     # cost the 1-step student 42 points of alignment (control 73.0% -> 31.2%, 400 images), while on the
-    # control's multi-step fakes they learned (accuracy 0.60-0.71). A full run with 2 has not been scored yet.
+    # control's multi-step fakes they learned (accuracy 0.60-0.71). Measured with 2 (docs/training.md, round 2):
+    # the 1-step student still fell (the k-step iterations train the same weights), and one pool collapsed.
     adv_min_steps: int = 1
     # The L2 term on k-step iterations (k > 1). "off": none. "sample": against the cached teacher sample of the
     # starting noise; a k-step output depends on the fresh noise of each re-noising, so that sample is not its
