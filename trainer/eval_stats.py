@@ -27,7 +27,7 @@ def _bounds(stats: np.ndarray, level: float) -> tuple[float, float]:
 
 def proportion_ci(hits, resamples: int = RESAMPLES, seed: int = SEED,
                   level: float = LEVEL) -> tuple[float, float]:
-    """Interval for the mean of a 0/1 vector (one entry per image)."""
+    """Interval for the mean of a per-image vector (0/1 hits; paired_difference_ci passes -1/0/1 differences)."""
     hits = np.asarray(hits, dtype=np.float64)
     if hits.size == 0:
         return float("nan"), float("nan")
@@ -46,11 +46,7 @@ def paired_difference_ci(hits_a, hits_b, resamples: int = RESAMPLES, seed: int =
     a, b = np.asarray(hits_a, dtype=np.float64), np.asarray(hits_b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired rows need the same images: {a.shape} vs {b.shape}")
-    if a.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a.size, size=(resamples, a.size))
-    return _bounds((a - b)[idx].mean(axis=1), level)
+    return proportion_ci(a - b, resamples, seed, level)  # the same image resampling, of per-image differences
 
 
 def _root(cov: np.ndarray) -> np.ndarray:
