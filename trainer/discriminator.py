@@ -247,11 +247,9 @@ class Views:
         return self.rows(slice(0, n)), self.rows(slice(n, None))
 
     @staticmethod
-    def cat(*views: Views) -> Views:
-        first = views[0]
-        crop = ([y for v in views for y in v.ys], [x for v in views for x in v.xs]) if first.ys is not None \
-            else (None, None)
-        return Views(torch.cat([v.noise for v in views]), *crop, first.side)
+    def cat(a: Views, b: Views) -> Views:
+        crop = (a.ys + b.ys, a.xs + b.xs) if a.ys is not None else (None, None)
+        return Views(torch.cat([a.noise, b.noise]), *crop, a.side)
 
 
 def encoder_features(encoder: FrozenEncoder, x0: torch.Tensor, t_star: int, cond: Conditioning,

@@ -197,17 +197,22 @@ def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch, fake: torc
         mb = batch.rows(sl)
         real_views, fake_views = mb.d_views[update]
         n = mb.real.shape[0]
-        x0, conds, views = [mb.real, fake[sl]], [mb.real_cond, mb.cond], [real_views, fake_views]
-        if mismatch:  # each real row again, with the next row's prompt (over the whole batch, so micro-batching
-            # pairs rows as one batch would); a repeated prompt among a batch's rows is rare in these grammars
-            other = (torch.arange(sl.start, sl.stop) + 1) % len(batch)
-            x0, conds, views = x0 + [mb.real], conds + [rows(batch.real_cond, other)], views + [real_views]
         with ctx, autocast(acc):
             with torch.no_grad():
-                feats = encoder_features(nets.encoder, torch.cat(x0), plan.t_star, Conditioning.cat(conds),
-                                         Conditioning.cat([mb.uncond] * len(x0)), plan.tasks, nets.abar,
-                                         Views.cat(*views))
-            logits = nets.pool(feats, plan.heads)
+                both = encoder_features(nets.encoder, torch.cat([mb.real, fake[sl]]), plan.t_star,
+                                        Conditioning.cat([mb.real_cond, mb.cond]),
+                                        Conditioning.cat([mb.uncond, mb.uncond]), plan.tasks, nets.abar,
+                                        Views.cat(real_views, fake_views))
+                if mismatch:  # the reals again, with the next row's prompt (over the whole batch, so micro-batches
+                    # pair rows as one batch would), through the prompt-conditioned tasks only; a repeated prompt
+                    # among a batch's rows is rare in these grammars
+                    other = (torch.arange(sl.start, sl.stop) + 1) % len(batch)
+                    wrong = encoder_features(nets.encoder, mb.real, plan.t_star, rows(batch.real_cond, other),
+                                             mb.uncond, plan.tasks & set(COND_TASKS), nets.abar, real_views)
+                    # appended to those tasks' rows, so the pool still runs once (one DDP forward per backward)
+                    both = {t: [torch.cat(pair) for pair in zip(f, wrong[t])] if t in wrong else f
+                            for t, f in both.items()}
+            logits = nets.pool(both, plan.heads)
             real, fake_logits = {i: v[:n] for i, v in logits.items()}, {i: v[n:2 * n] for i, v in logits.items()}
             mis = {i: logits[i][2 * n:] for i in cond_heads} if mismatch else None
             loss_d = d_loss(real, fake_logits, c.loss, c.pool.reduce, mis, c.pool.mismatch)
