@@ -55,7 +55,7 @@ class StepPolicy:
     # median, as the earlier moving average of the errors roughly did.
     error_quantile: float = 0.9
     error_window: int = 200
-    errors_s: deque = field(default_factory=deque)
+    errors_s: deque = field(init=False, repr=False)  # made in __post_init__, bounded by error_window
 
     def __post_init__(self) -> None:
         if self.target_s is not None and self.target_s <= 0:
@@ -64,7 +64,7 @@ class StepPolicy:
             raise ValueError("the error quantile must be in [0, 1]")
         if self.error_window < 1:
             raise ValueError("the error window must hold at least one request")
-        self.errors_s = deque(self.errors_s, maxlen=self.error_window)
+        self.errors_s = deque(maxlen=self.error_window)
 
     # -- what the engine measured ------------------------------------------------------------------
     def observe_iteration(self, bucket: int, seconds: float) -> None:
