@@ -79,6 +79,9 @@ class Job:
     decoding: bool = False  # its final decode is launched: the scheduler does not hand it out again
     auto_steps: tuple[int, int] | None = None  # (min, max): the engine picks the steps when it accepts the job
     predicted_s: float | None = None  # for auto jobs: the latency the policy predicted (None: no estimate yet)
+    # The caller tells the engine when its answer is out (Engine.served), so the policy's correction learns the
+    # time to the response (image encoding, the event loop's turn) rather than to the image alone.
+    reports_served: bool = False
 
     def cancel(self) -> None:
         """Thread-safe: the engine drops this job's rows at its next iteration."""
@@ -146,6 +149,14 @@ class Engine:
         choice = self.policy.choose(*job.auto_steps, rows, row_steps, images=len(job.requests))
         job.requests = [replace(r, steps=choice.steps) for r in job.requests]
         job.predicted_s = choice.predicted_s
+
+    def served(self, job: Job) -> None:
+        """The answer to `job` (made with `reports_served`) has left: for an auto job, the policy learns how far
+        its prediction was from the time since admission. Thread-safe; the server calls it from the event loop."""
+        if job.auto_steps is None or job.predicted_s is None or not job.reports_served:
+            return
+        with self._cv:
+            self.policy.observe_latency(job.predicted_s, self.clock() - job.enqueued_at)
 
     @property
     def queue_depth(self) -> int:
@@ -297,9 +308,10 @@ class Engine:
                 if job.stream:
                     for r in job.rows:
                         self._progress(r, r.image, final=True)
-                job.future.set_result([r.image for r in job.rows])
-                if job.auto_steps is not None and job.predicted_s is not None:
+                # Scored before the answer goes out, so whoever waits on the future finds the policy updated.
+                if job.auto_steps is not None and job.predicted_s is not None and not job.reports_served:
                     self.policy.observe_latency(job.predicted_s, now - job.enqueued_at)
+                job.future.set_result([r.image for r in job.rows])
                 self.observer.finished(job, now - job.enqueued_at, len(job.rows))
         self.scheduler.remove(jobs)
 

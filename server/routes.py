@@ -46,6 +46,7 @@ async def generate(body: GenerateRequest, request: Request):
     reqs = service.requests_for(body, body.num_images)
     images, job = await service.run(reqs, request, service.auto_steps(body))
     encoded = await _encode_all(images, body.output_format)
+    service.served(job)
     seeds = [r.seed for r in reqs]
     if len(encoded) == 1 and _wants_image(request, body.output_format):
         return Response(encoded[0], media_type=MEDIA_TYPES[body.output_format],
@@ -66,8 +67,9 @@ async def openai_images(body: OpenAIImageRequest, request: Request):
                                          decoder=body.decoder)
     # A size like "1000x1000" fails the model-dependent checks; report it against `size`.
     reqs = service.requests_for(params, body.n, field_names={"width": "size", "height": "size"})
-    images, _ = await service.run(reqs, request, service.auto_steps(params))
+    images, job = await service.run(reqs, request, service.auto_steps(params))
     encoded = await _encode_all(images, "png")
+    service.served(job)
     return OpenAIImagesResponse(created=int(time.time()),
                                 data=[OpenAIImage(b64_json=base64.b64encode(e).decode()) for e in encoded])
 

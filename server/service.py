@@ -87,7 +87,7 @@ class GenerationService:
         """Submit one job and wait for its images (and the job: its `steps` is what "auto" chose); a client that
         disconnects cancels it."""
         rid = http_request.scope.get("state", {}).get("request_id", "-") if http_request is not None else "-"
-        job = self.submit(Job(requests, id=rid, auto_steps=auto_steps))
+        job = self.submit(Job(requests, id=rid, auto_steps=auto_steps, reports_served=auto_steps is not None))
         watcher = asyncio.create_task(_cancel_on_disconnect(http_request, job)) if http_request else None
         try:
             # The engine enforces the deadline itself; this outer bound only guards against a stuck engine.
@@ -102,6 +102,10 @@ class GenerationService:
         finally:
             if watcher is not None:
                 watcher.cancel()
+
+    def served(self, job: Job) -> None:
+        """A job from `run` has its response ready (images encoded): see Engine.served."""
+        self.engine.served(job)
 
     def stream(self, requests: list[GenerationRequest], on_progress, request_id: str = "-",
                auto_steps: tuple[int, int] | None = None) -> Job:

@@ -320,6 +320,26 @@ def test_auto_steps_follow_the_load(make_engine):
         assert len(result(j)) == 1
 
 
+def test_auto_jobs_that_report_served_teach_the_policy_the_time_to_the_response(make_engine):
+    """A job made with `reports_served` is not scored when its images are ready but when the caller says its
+    answer left (Engine.served): the policy's correction then holds the encoding and the event loop's turn too.
+    A plain auto job is scored by the engine at the image, as before."""
+    clock = FakeClock()
+    eng, backend, _ = make_engine(max_batch=4, buckets=(1, 2, 4), latency_target_ms=500, clock=clock)
+    for b in (1, 2, 4):
+        eng.policy.observe_iteration(b, 0.05)
+    reported = eng.submit(Job([req("reported")], auto_steps=(1, 4), reports_served=True))
+    result(reported)
+    assert list(eng.policy.errors_s) == []  # the image alone does not count for it
+    clock.now += 0.3  # 300 ms between admission and the answer leaving (the fake backend takes no clock time)
+    eng.served(reported)
+    assert list(eng.policy.errors_s) == [pytest.approx(0.3 - reported.predicted_s)]
+    plain = eng.submit(Job([req("plain")], auto_steps=(1, 4)))
+    result(plain)
+    eng.served(plain)  # ignored: the engine scored it itself, once
+    assert len(eng.policy.errors_s) == 2 and eng.policy.errors_s[1] == pytest.approx(-plain.predicted_s)
+
+
 class LatePending:
     """A decode that lands late, as on CUDA's decode stream: not ready for the first two looks."""
 

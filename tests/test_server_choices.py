@@ -40,6 +40,8 @@ def test_auto_with_a_latency_target_trades_steps_for_time(pipelines):
         assert metric(c, "nitro_auto_steps_count") == 1
         assert metric(c, 'nitro_auto_steps_bucket{le="2.0"}') == 1
         assert metric(c, "nitro_auto_latency_error_seconds_count") == 1
+        # The policy learned this request once, when its response was ready (Engine.served), not at the image too.
+        assert len(policy.errors_s) == 1
 
 
 def test_auto_on_the_openai_route_and_the_websocket(pipelines):
