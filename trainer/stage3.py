@@ -15,6 +15,7 @@ Each iteration is one optimizer step over nitro.optim.grad_accum micro-batches o
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -180,4 +181,6 @@ class NitroJob(StageJob):
 
 def train_nitro(cfg: TrainConfig, folder: Path, source, init_dir: Path, cache_dir: Path, accelerator) -> Path:
     """Output: folder/unet, the 1-4 step student (from init_dir/, or cfg.source.init_unet when set)."""
+    if cfg.nitro.seed is not None:  # everything seeded in this stage follows nitro.seed, as it would run.seed
+        cfg = replace(cfg, run=replace(cfg.run, seed=cfg.nitro.seed))
     return run_stage(NitroJob(cfg, folder, source, init_dir, cache_dir, accelerator))

@@ -280,6 +280,10 @@ class NitroConfig:
     # > 0: keep an exponential moving average of the student (torch AveragedModel, updated every optimizer step),
     # saved as nitro/unet (the trained weights as nitro/unet_raw). 0: off, the shapes recipe's choice.
     ema_decay: float = 0.0
+    # Stage 3's own seed (its batches, noise, head draws and pool init); None: run.seed. Stage 3 is where runs of
+    # one recipe differ most (shapes16, three seeds from the same init: 1-step FID 40.7 to 49.8), so a recipe can
+    # name the stage-3 run that made its model without reseeding the stages before it.
+    seed: int | None = None
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=0, batch_size=16, lr=5e-5, warmup=0))
 
     def __post_init__(self):
@@ -294,6 +298,8 @@ class NitroConfig:
                "nitro.adv_min_steps > 1 needs nitro.reg_weight > 0 (1-step iterations would have no loss)")
         _check(self.snapshot_every >= 0, "nitro.snapshot_every must be >= 0")
         _check(0 <= self.ema_decay < 1, "nitro.ema_decay must be in [0, 1)")
+        _check(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
+               "nitro.seed must be a non-negative integer or null (null: run.seed)")
         _check(self.reg_multistep in ("off", "sample", "teacher"), "nitro.reg_multistep: off, sample or teacher")
         _check(1 <= len(self.phase_steps) <= 4, "nitro.phase_steps: 1 to 4 entries (max steps 1..4)")
         self.optim.steps = sum(self.phase_steps)  # total iterations; the phases decide the step count
