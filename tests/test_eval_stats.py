@@ -6,6 +6,8 @@ import pytest
 from trainer.eval_stats import cell, fid_ci, paired_difference_ci, proportion_ci
 from trainer.features import frechet_distance
 
+from .helpers import load_script
+
 
 def test_proportion_interval_covers_the_truth_and_shrinks_with_n():
     rng = np.random.default_rng(3)
@@ -99,7 +101,6 @@ def test_compare_runs_pairs_each_variant_with_the_reference_row_by_row(tmp_path)
     400 misses shows +5.0 points with a paired interval above 0; rows without per-image hits get no difference."""
     import json
 
-    from .helpers import load_script
 
     rng = np.random.default_rng(1)
     base = rng.random(400) < 0.6
@@ -127,3 +128,16 @@ def test_compare_runs_pairs_each_variant_with_the_reference_row_by_row(tmp_path)
     assert "|  |" in four
     with pytest.raises(SystemExit, match="NAME=WORK_DIR"):
         mod.main(["--ref", str(tmp_path)])
+
+
+def test_pick_run_prefers_alignment_then_fid_and_refuses_a_folder_without_a_model(tmp_path, capsys):
+    """bench/pick_run.py's rule: the lowest FID among runs within the slack of the best alignment. A run far behind
+    on alignment is not picked for its FID; inside the slack FID decides."""
+    mod = load_script("bench/pick_run.py")
+    scores = {"a": {"alignment": 0.78, "fid": 45.0}, "b": {"alignment": 0.77, "fid": 40.0},
+              "c": {"alignment": 0.70, "fid": 30.0}}
+    assert mod.pick(scores, alignment_slack=2.0) == "b"
+    assert mod.pick(scores, alignment_slack=0.5) == "a"
+    assert mod.pick(scores, alignment_slack=10.0) == "c"
+    assert mod.main(["--run", f"x={tmp_path}"]) == 2
+    assert "exported model" in capsys.readouterr().err
