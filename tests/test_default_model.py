@@ -1,4 +1,4 @@
-"""The bundled default model (models/default, made by `nitrofusion train --recipe shapes`): it is what a
+"""The bundled default model (models/default, made by `nitrofusion train --recipe shapes16`): it is what a
 command without --model serves, and it still draws what the prompt asks (EVAL.md has the full measurement)."""
 
 import numpy as np
@@ -13,7 +13,7 @@ from trainer.evaluate import SEED0, alignment, eval_set
 from .helpers import load_script, run_cli
 
 pytestmark = pytest.mark.skipif(default_model_dir() is None, reason="models/default is not in this checkout")
-MIN_ALIGNMENT = 0.55  # measured 41/64 = 0.641 on these images (EVAL.md, 2000 images: 0.630); margin for float noise
+MIN_ALIGNMENT = 0.70  # measured 53/64 = 0.828 on these images (EVAL.md, 2000 images: 0.779); the 8x8 model: 0.641
 
 
 def test_generate_without_model_uses_the_bundled_student(tmp_path):
@@ -38,16 +38,17 @@ def test_bundled_student_follows_prompts_at_one_step():
 
 
 def test_bundled_model_was_trained_by_the_documented_recipe():
-    """`nitrofusion train --recipe shapes` must reproduce models/default: a recipe default changed without
+    """`nitrofusion train --recipe shapes16` must reproduce models/default: a recipe default changed without
     retraining (or a model retrained with overrides) fails here."""
     assert TrainConfig.load(default_model_dir() / "train_config.json") == recipe(BUNDLED_RECIPE)
 
 
-def test_bundled_autoencoder_reconstructions_pass_the_detector_and_small_checkered_ones_fail_most():
-    """bench/autoencoder_recon.py on 60 images: the README's ceiling figures (81.5% on 400) come from it.
-    Measured 51/60; every large solid object passes, small checkered ones are where it breaks (4/10)."""
+def test_bundled_autoencoder_reconstructions_pass_the_detector_even_small_checkered_ones():
+    """bench/autoencoder_recon.py on 60 images: the README's ceiling figure (98.5% on 400) comes from it. Measured
+    59/60 and 9/10 small checkered objects; the earlier 8x8 model's 8x-down autoencoder passed 51/60 and 4/10 small
+    checkered ones, so either bound catches a return to it."""
     hits, groups, passed = load_script("bench/autoencoder_recon.py").reconstruct(default_model_dir() / "vae", 60, 64)
     assert sum(groups.values()) == 60
-    assert 45 <= hits["all"] <= 57
+    assert hits["all"] >= 57
     assert passed[("large", "solid")] == groups[("large", "solid")]
-    assert passed[("small", "checkered")] / groups[("small", "checkered")] < 0.7
+    assert passed[("small", "checkered")] / groups[("small", "checkered")] >= 0.8

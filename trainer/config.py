@@ -1,6 +1,7 @@
 """Every trainer knob in one dataclass tree, validated at construction and saved as JSON beside each checkpoint.
 
-`recipe("shapes")` is the CPU recipe for the bundled default model; `recipe("tiny")` is the same pipeline at
+`recipe("shapes16")` is the CPU recipe for the bundled default model (16x16 latents; `recipe("shapes")` the
+earlier 8x8 one, the dataclass defaults); `recipe("tiny")` is the same pipeline at
 toy sizes for tests; `recipe("pretrained")` the defaults for `--from MODEL` (trainer/presets.py holds the latter
 two and `smoke()`). Overrides are dotted paths: `teacher.steps=200`, `nitro.pool.tasks=...`.
 """
@@ -35,7 +36,7 @@ STAGES = ("autoencoder", "text", "teacher", "cache", "init", "nitro", "export", 
 SOURCE_STAGES = ("autoencoder", "text", "teacher")
 RECIPE_NAMES = ("shapes", "shapes16", "tiny", "pretrained")
 # The recipe that made models/default: `nitrofusion train` without --recipe or --from runs it into models/default.
-BUNDLED_RECIPE = "shapes"
+BUNDLED_RECIPE = "shapes16"
 
 
 @dataclass

@@ -350,6 +350,10 @@ def target_lines(by_name: dict[str, Result], teacher: Result) -> list[str]:
     return out
 
 
+def stage3_seed(cfg: TrainConfig) -> int:
+    return cfg.run.seed if cfg.nitro.seed is None else cfg.nitro.seed
+
+
 def write_markdown(results: list[Result], path: Path, assets: Path, command: str, cfg: TrainConfig) -> None:
     rel = Path(assets).relative_to(Path(path).parent) if Path(assets).is_relative_to(Path(path).parent) else assets
     by_name = {r.row.name: r for r in results}
@@ -370,6 +374,8 @@ def write_markdown(results: list[Result], path: Path, assets: Path, command: str
         ("- **[lo, hi]**: 95% percentile-bootstrap interval over images (1,000 resamples, fixed seed; "
         "`trainer/eval_stats.py`). Alignment resamples the row's images; FID resamples the generated images' "
         "features against the fixed reference set, so it covers the generated side's sampling noise only."),
+        (f"- **one training run per row** (stage 3 seed {stage3_seed(cfg)}): the intervals cover the images, not "
+        "run-to-run variation of training, which can be larger; docs/training.md compares seeds."),
         "",
         "| row | alignment | bg | colour | shape | position | size | fill | shapes-FID | FID / teacher |",
         "|---|---|---|---|---|---|---|---|---|---|",
