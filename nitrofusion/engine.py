@@ -228,6 +228,7 @@ class Engine:
             self._cv.wait(left)
 
     def _iteration(self, admission) -> None:
+        started = time.perf_counter()
         # 1. answer jobs that went stale while they waited; start the rest (noise, batched text encoding)
         for job in admission.cancelled:
             self._cancelled(job)
@@ -254,7 +255,6 @@ class Engine:
             while len(self._checks) > 1:
                 self._fail_all(self._checks.pop(0).bad_jobs())
             seconds = time.perf_counter() - t0  # on CUDA this includes waiting for the previous step (see above)
-            self.policy.observe_iteration(bucket, seconds)
             self.observer.iteration(len(rows), bucket, seconds)
         # 4. previews for streaming rows still on their way; finished jobs decoded in one batch. On CUDA both run
         #    on the decode stream while the next iteration's UNet step runs.
@@ -268,6 +268,13 @@ class Engine:
             self._launch_decodes([r for j in done for r in j.rows], preview=False)
         # 5. answer what has landed; wait for the rest when there is no further step to overlap with
         self._deliver(wait=not self.scheduler.next_rows()[0])
+        if rows:
+            # The "auto" policy learns the whole iteration, not the UNet call alone: a request queued behind W
+            # iterations waits for their text encodes and decodes too. Fed the UNet time, the policy fell short by
+            # a share of every iteration ahead, an error that grows with the queue, which its additive correction
+            # (learned at shallower queues) could not follow: at concurrency 64 the first 64 requests all got 4
+            # steps against a 500 ms target and the last of them took 674 ms (bundled model, this CPU).
+            self.policy.observe_iteration(bucket, time.perf_counter() - started)
 
     def _launch_decodes(self, rows: list[Row], preview: bool) -> None:
         t0 = time.perf_counter()

@@ -9,7 +9,8 @@ it measures and the work it holds, and asks it once per auto request, when the r
 The prediction: the engine runs one UNet call per iteration over up to `max_batch` rows, so a new row waits
 behind the row-steps already queued or in flight (about ceil(ahead / max_batch) iterations when the batch is
 full, none when it has room), then needs k iterations of its own, plus the final decode. An iteration's time is
-a moving average per batch bucket of what the engine measured (`observe_iteration`), decodes likewise per
+a moving average per batch bucket of what the engine measured (`observe_iteration`: the whole iteration, so
+the text encodes and decodes of the work ahead count), decodes likewise per
 batch size. With no measurement yet for a bucket, the nearest measured bucket stands in, scaled by size; with
 none at all, the policy cannot predict and picks `max_steps` (an idle server learns from its first request).
 """
