@@ -4,6 +4,7 @@ isolation of failures, draining and streaming."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -338,6 +339,24 @@ def test_auto_jobs_that_report_served_teach_the_policy_the_time_to_the_response(
     result(plain)
     eng.served(plain)  # ignored: the engine scored it itself, once
     assert len(eng.policy.errors_s) == 2 and eng.policy.errors_s[1] == pytest.approx(-plain.predicted_s)
+
+
+class SlowDecodes(FakeBackend):
+    """A decode that takes at least 30 ms of wall time (a busy wait: a lower bound, not a timing guess)."""
+
+    def decode_async(self, latents, decoder, preview=False):
+        end = time.perf_counter() + 0.03
+        while time.perf_counter() < end:
+            pass
+        return super().decode_async(latents, decoder, preview)
+
+
+def test_the_auto_policy_learns_whole_iterations_decodes_included(make_engine):
+    """The policy's iteration time covers the whole engine iteration: a request queued behind others also waits for
+    their decodes (and text encodes), not for the UNet calls alone. Fed the UNet time only, it would read ~0 here."""
+    eng, _, _ = make_engine(SlowDecodes(), max_batch=1, buckets=(1,), latency_target_ms=500)
+    result(eng.submit(Job([req("one", 1)])))
+    assert eng.policy.iteration_s[1].value >= 0.03
 
 
 class LatePending:
