@@ -153,10 +153,14 @@ class Engine:
     def served(self, job: Job) -> None:
         """The answer to `job` (made with `reports_served`) has left: for an auto job, the policy learns how far
         its prediction was from the time since admission. Thread-safe; the server calls it from the event loop."""
-        if job.auto_steps is None or job.predicted_s is None or not job.reports_served:
-            return
-        with self._cv:
-            self.policy.observe_latency(job.predicted_s, self.clock() - job.enqueued_at)
+        if job.reports_served:
+            with self._cv:
+                self._score(job, self.clock())
+
+    def _score(self, job: Job, now: float) -> None:
+        """An auto job's prediction error, for the policy's correction (fixed jobs and unpredicted ones: none)."""
+        if job.auto_steps is not None and job.predicted_s is not None:
+            self.policy.observe_latency(job.predicted_s, now - job.enqueued_at)
 
     @property
     def queue_depth(self) -> int:
@@ -316,8 +320,8 @@ class Engine:
                     for r in job.rows:
                         self._progress(r, r.image, final=True)
                 # Scored before the answer goes out, so whoever waits on the future finds the policy updated.
-                if job.auto_steps is not None and job.predicted_s is not None and not job.reports_served:
-                    self.policy.observe_latency(job.predicted_s, now - job.enqueued_at)
+                if not job.reports_served:
+                    self._score(job, now)
                 job.future.set_result([r.image for r in job.rows])
                 self.observer.finished(job, now - job.enqueued_at, len(job.rows))
         self.scheduler.remove(jobs)

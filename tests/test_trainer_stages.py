@@ -306,18 +306,24 @@ def test_shapes16_recipe_is_4x_down_and_its_parts_agree(tmp_path):
     assert TrainConfig.load(tmp_path / "c.json") == cfg
 
 
-def test_adv_min_steps_keeps_the_heads_off_one_step_iterations(tiny_run, tmp_path):
-    """nitro.adv_min_steps=2: a phase of 1-step iterations trains the student exactly as the no-discriminator
-    control does (the heads still train beside it), while the full method's heads move it elsewhere."""
+def _stage3_students(tiny_run, tmp_path, variants: dict[str, list[str]]) -> dict[str, dict]:
+    """Stage 3 (2 iterations, a high lr so small differences show) per variant, over the tiny run's earlier stages."""
     _, work, _ = tiny_run
     students = {}
-    for name, sets in {"control": ["nitro.adv_weight=0"], "adv2": ["nitro.adv_min_steps=2"],
-                       "full": []}.items():
+    for name, sets in variants.items():
         d = tmp_path / name
         copy_stages(work, d, ["autoencoder", "text", "teacher", "cache", "init"])
         cfg = apply_overrides(recipe("tiny"), [*sets, "nitro.phase_steps=[2]", "nitro.optim.lr=1e-2"])
         run(cfg, d, d / "model", ["nitro"])
         students[name] = load_file(d / "nitro" / "unet" / "diffusion_pytorch_model.safetensors")
+    return students
+
+
+def test_adv_min_steps_keeps_the_heads_off_one_step_iterations(tiny_run, tmp_path):
+    """nitro.adv_min_steps=2: a phase of 1-step iterations trains the student exactly as the no-discriminator
+    control does (the heads still train beside it), while the full method's heads move it elsewhere."""
+    students = _stage3_students(tiny_run, tmp_path, {"control": ["nitro.adv_weight=0"],
+                                                      "adv2": ["nitro.adv_min_steps=2"], "full": []})
     for k, v in students["control"].items():
         torch.testing.assert_close(students["adv2"][k], v, rtol=0, atol=0, msg=k)
     assert any(not torch.equal(students["full"][k], v) for k, v in students["control"].items())
@@ -328,14 +334,8 @@ def test_adv_min_steps_keeps_the_heads_off_one_step_iterations(tiny_run, tmp_pat
 def test_nitro_seed_reseeds_stage_3_alone(tiny_run, tmp_path):
     """nitro.seed=3 trains stage 3 exactly as run.seed=3 would (the same student, bit for bit) over the same earlier
     stages, and differently from run.seed=0: a recipe can name the stage-3 run behind its model."""
-    _, work, _ = tiny_run
-    students = {}
-    for name, sets in {"nitro3": ["nitro.seed=3"], "run3": ["run.seed=3"], "run0": []}.items():
-        d = tmp_path / name
-        copy_stages(work, d, ["autoencoder", "text", "teacher", "cache", "init"])
-        cfg = apply_overrides(recipe("tiny"), [*sets, "nitro.phase_steps=[2]", "nitro.optim.lr=1e-2"])
-        run(cfg, d, d / "model", ["nitro"])
-        students[name] = load_file(d / "nitro" / "unet" / "diffusion_pytorch_model.safetensors")
+    students = _stage3_students(tiny_run, tmp_path, {"nitro3": ["nitro.seed=3"], "run3": ["run.seed=3"],
+                                                      "run0": []})
     for k, v in students["run3"].items():
         torch.testing.assert_close(students["nitro3"][k], v, rtol=0, atol=0, msg=k)
     assert any(not torch.equal(students["run0"][k], v) for k, v in students["run3"].items())

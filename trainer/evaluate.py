@@ -350,11 +350,9 @@ def target_lines(by_name: dict[str, Result], teacher: Result) -> list[str]:
     return out
 
 
-def stage3_seed(cfg: TrainConfig) -> int:
-    return cfg.run.seed if cfg.nitro.seed is None else cfg.nitro.seed
-
-
 def write_markdown(results: list[Result], path: Path, assets: Path, command: str, cfg: TrainConfig) -> None:
+    from .stage3 import stage3_seed
+
     rel = Path(assets).relative_to(Path(path).parent) if Path(assets).is_relative_to(Path(path).parent) else assets
     by_name = {r.row.name: r for r in results}
     teacher = next((r for r in results if r.row.kind == "teacher" and r.row.group == "main"), None)

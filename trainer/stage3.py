@@ -179,8 +179,12 @@ class NitroJob(StageJob):
             self.nets.raw_student.save_pretrained(self.folder / "unet_raw")
 
 
+def stage3_seed(cfg: TrainConfig) -> int:
+    return cfg.run.seed if cfg.nitro.seed is None else cfg.nitro.seed
+
+
 def train_nitro(cfg: TrainConfig, folder: Path, source, init_dir: Path, cache_dir: Path, accelerator) -> Path:
     """Output: folder/unet, the 1-4 step student (from init_dir/, or cfg.source.init_unet when set)."""
-    if cfg.nitro.seed is not None:  # everything seeded in this stage follows nitro.seed, as it would run.seed
-        cfg = replace(cfg, run=replace(cfg.run, seed=cfg.nitro.seed))
+    # everything seeded in this stage follows nitro.seed, as it would run.seed
+    cfg = replace(cfg, run=replace(cfg.run, seed=stage3_seed(cfg)))
     return run_stage(NitroJob(cfg, folder, source, init_dir, cache_dir, accelerator))
