@@ -150,6 +150,19 @@ class Engine:
         job.requests = [replace(r, steps=choice.steps) for r in job.requests]
         job.predicted_s = choice.predicted_s
 
+    def _recheck_steps(self, admitted: list[Job], now: float) -> None:
+        """Auto jobs leaving the queue: fewer steps if their wait ran past what the policy foresaw (their rows
+        are made after this, so the new count is the one they run and report)."""
+        for job in admitted:
+            if job.auto_steps is None or job.predicted_s is None:
+                continue
+            beside = self.scheduler.active_rows - len(job.requests)
+            choice = self.policy.rechoose(job.steps, job.auto_steps[0], now - job.enqueued_at, beside,
+                                          images=len(job.requests))
+            if choice is not None:
+                job.requests = [replace(r, steps=choice.steps) for r in job.requests]
+                job.predicted_s = choice.predicted_s
+
     def served(self, job: Job) -> None:
         """The answer to `job` (made with `reports_served`) has left: for an auto job, the policy learns how far
         its prediction was from the time since admission. Thread-safe; the server calls it from the event loop."""
@@ -210,7 +223,9 @@ class Engine:
                 if self._stopped:
                     return
                 self._wait_for_company()
-                admission = self.scheduler.admit(self.clock())
+                now = self.clock()
+                admission = self.scheduler.admit(now)
+                self._recheck_steps(admission.admitted, now)
             try:
                 self._iteration(admission)
             except Exception as e:  # a bug in the loop itself must not strand every waiting client

@@ -13,6 +13,7 @@ a moving average per batch bucket of what the engine measured (`observe_iteratio
 the text encodes and decodes of the work ahead count), decodes likewise per
 batch size. With no measurement yet for a bucket, the nearest measured bucket stands in, scaled by size; with
 none at all, the policy cannot predict and picks `max_steps` (an idle server learns from its first request).
+When the request leaves the queue, `rechoose` lowers its steps if its measured wait left too little time.
 """
 
 from __future__ import annotations
@@ -131,3 +132,21 @@ class StepPolicy:
             if predicted <= self.target_s:
                 return Choice(steps, predicted)
         return Choice(min_steps, self.predict(min_steps, rows_ahead, row_steps_ahead, images))
+
+    def rechoose(self, chosen: int, min_steps: int, waited_s: float, rows_beside: int, images: int = 1) -> Choice | None:
+        """A second look when an auto request leaves the queue and joins the batch: its wait is now measured
+        (`waited_s` since admission), not predicted, and only its own iterations are left (beside
+        `rows_beside` other active rows). Fewer steps, never more, when the wait ran long: the most steps in
+        [min_steps, chosen] that still meet the target, else min_steps. None keeps the choice (it still fits,
+        there is nothing below it, no target, or nothing measured). Why: the prediction at admission is made
+        from iteration times measured at a lighter load, so the first wave of a burst is admitted at 4 steps and
+        waits longer than foreseen; this bounds its tail by what is left to run, not by the whole queue."""
+        if self.target_s is None or chosen <= min_steps:
+            return None
+        for steps in range(chosen, min_steps - 1, -1):
+            left = self.predict(steps, rows_beside, 0, images)
+            if left is None:
+                return None
+            if waited_s + left <= self.target_s:
+                return None if steps == chosen else Choice(steps, waited_s + left)
+        return Choice(min_steps, waited_s + self.predict(min_steps, rows_beside, 0, images))

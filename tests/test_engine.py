@@ -341,6 +341,28 @@ def test_auto_jobs_that_report_served_teach_the_policy_the_time_to_the_response(
     assert len(eng.policy.errors_s) == 2 and eng.policy.errors_s[1] == pytest.approx(-plain.predicted_s)
 
 
+def test_an_auto_job_that_waited_past_its_prediction_runs_fewer_steps(make_engine):
+    """Admitted at 4 steps behind a 4-step job (predicted 8 x 50 ms = 400 ms), the auto job leaves the queue after
+    600 ms of the engine's clock: the engine re-picks when it joins the batch, and it runs (and reports) 1 step.
+    A twin that leaves the queue in time keeps its 4 steps."""
+    clock = FakeClock()
+    eng, backend, _ = make_engine(max_batch=1, buckets=(1,), latency_target_ms=500, clock=clock)
+    eng.policy.observe_iteration(1, 0.05)
+    gate = held(backend)
+    blocker = eng.submit(Job([req("blocker", 4, 1)]))
+    assert backend.entered.wait(10)
+    late = eng.submit(Job([req("late")], auto_steps=(1, 4)))
+    assert late.steps == 4 and late.predicted_s == pytest.approx(0.4)
+    clock.now += 0.6
+    gate.set()
+    result(blocker), result(late)
+    assert late.steps == 1 and late.predicted_s >= 0.6
+    assert [len(c) for c in backend.unet_calls[-1:]] == [1] and len(backend.unet_calls) == 5  # 4 + 1
+    on_time = eng.submit(Job([req("on time")], auto_steps=(1, 4)))
+    result(on_time)
+    assert on_time.steps == 4
+
+
 class SlowDecodes(FakeBackend):
     """A decode that takes at least 30 ms of wall time (a busy wait: a lower bound, not a timing guess)."""
 

@@ -106,3 +106,20 @@ def test_the_correction_aims_at_the_tail_not_the_typical_request():
     assert typical.correction_s() == 0.0 and typical.choose(1, 4, 0, 0).steps == 4
     with pytest.raises(ValueError, match="quantile"):
         StepPolicy(0.3, max_batch=1, buckets=(1,), error_quantile=1.5)
+
+
+def test_a_request_that_waited_too_long_drops_steps_when_it_leaves_the_queue():
+    p = policy(target_ms=500, step_ms=50)
+    # admitted at 4 steps; it joins the batch after 100 ms: 100 + 4 x 50 fits, keep the choice
+    assert p.rechoose(4, 1, waited_s=0.1, rows_beside=3) is None
+    # after 380 ms only 2 steps fit (380 + 100 <= 500; 380 + 150 > 500)
+    c = p.rechoose(4, 1, waited_s=0.38, rows_beside=3)
+    assert c.steps == 2 and c.predicted_s == pytest.approx(0.48)
+    # past the target already: min_steps, and the prediction says it will miss
+    late = p.rechoose(4, 2, waited_s=0.6, rows_beside=3)
+    assert late.steps == 2 and late.predicted_s == pytest.approx(0.7)
+    # never more steps than chosen, nothing below min_steps, nothing without a target or a measurement
+    assert p.rechoose(2, 1, waited_s=0.0, rows_beside=0) is None
+    assert p.rechoose(3, 3, waited_s=0.6, rows_beside=0) is None
+    assert policy(target_ms=None).rechoose(4, 1, waited_s=9.0, rows_beside=0) is None
+    assert StepPolicy(0.5, max_batch=8, buckets=(1, 8)).rechoose(4, 1, waited_s=9.0, rows_beside=0) is None
