@@ -69,6 +69,16 @@ def test_every_stage_leaves_checkpoint_config_and_metrics(tiny_run):
     assert set(STAGES) == {"autoencoder", "text", "teacher", "cache", "init", "nitro", "export", "preview"}
 
 
+def test_the_recipe_records_each_stage_wall_time(tiny_run):
+    """WORK/stage_times.csv: one row per stage the run made, in pipeline order, each with its seconds."""
+    import csv
+
+    _, work, _ = tiny_run
+    rows = list(csv.DictReader((work / "stage_times.csv").open()))
+    assert [r["stage"] for r in rows] == list(STAGES)
+    assert all(float(r["seconds"]) > 0 and r["finished_utc"].endswith("Z") for r in rows)
+
+
 def test_exported_student_is_a_diffusers_folder_with_the_shift(tiny_run):
     cfg, _, model = tiny_run
     index = json.loads((model / "model_index.json").read_text())

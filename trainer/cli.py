@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, choices=RECIPE_NAMES,
-                   help="shapes (default without --from): the bundled default model (CPU, ~90 min); shapes16: the "
-                        "same on 16x16 latents (a better teacher, not yet a better student; docs/training.md); tiny: "
-                        "toy sizes for tests; pretrained (default with --from): an SDXL / SD1.x student on GPUs")
+                   help=f"{BUNDLED_RECIPE} (default without --from): the bundled default model, 16x16 latents (CPU, "
+                        "under 90 min); shapes: the earlier 8x8-latent model; tiny: toy sizes for tests; pretrained "
+                        "(default with --from): an SDXL / SD1.x student on GPUs")
     p.add_argument("--from", dest="from_model", default=None, metavar="MODEL",
                    help="a diffusers SDXL or SD1.x model (what `generate --model` takes): its text encoders, VAE and "
                         "UNet are the frozen teacher and the discriminator's backbone")
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="every stage at minimal sizes (2 iterations, 4 cache pairs; micro-batches kept): an end-to-end "
                         "check in minutes; use its own --work")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="exported student folder (default: models/default for shapes, WORK/model otherwise)")
+                   help=f"exported student folder (default: models/default for {BUNDLED_RECIPE}, WORK/model otherwise)")
     p.add_argument("--work", default=None, metavar="DIR",
                    help="stage folders, checkpoints and metrics (default: outputs/<recipe>; required with --from)")
     p.add_argument("--stage", action="append", choices=STAGES, metavar="STAGE",

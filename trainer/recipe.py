@@ -10,6 +10,9 @@ distils a tiny decoder into `<out>/vae_preview/` (trainer/preview_decoder.py, on
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .config import SOURCE_STAGES, STAGES, TrainConfig
@@ -25,6 +28,37 @@ def frozen_dirs(work: Path) -> dict[str, Path]:
             "text_encoder": work / "text" / "text_encoder"}
 
 
+class StageClock:
+    """Wall time per stage, printed as each ends and appended to WORK/stage_times.csv (main process only), so a
+    recipe's cost on a machine is read from its own run: a resumed run appends its new pieces, and a stage that
+    was already done shows as a fraction of a second."""
+
+    def __init__(self, work: Path | None):
+        self.path = None if work is None else Path(work) / "stage_times.csv"
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.monotonic()
+        yield
+        seconds = time.monotonic() - t0
+        self.times[name] = seconds
+        if self.path is not None:
+            print(f"[{name}] {seconds / 60:.1f} min", flush=True)
+            new = not self.path.is_file()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                if new:
+                    f.write("finished_utc,stage,seconds\n")
+                f.write(f"{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')},{name},{seconds:.1f}\n")
+
+    def report(self) -> None:
+        if self.path is not None and len(self.times) > 1:
+            total = sum(self.times.values())
+            parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in self.times.items())
+            print(f"[recipe] {total / 60:.1f} min in all ({parts}); {self.path}", flush=True)
+
+
 def run(cfg: TrainConfig, work: Path, out: Path, stages: list[str] | None = None) -> Path | None:
     """Run `stages` (default: all the source's, in order). Returns the exported folder when export ran.
     The source (trainer/source.py) is made first, so bad input fails before any work; for `--from` it resolves
@@ -33,8 +67,6 @@ def run(cfg: TrainConfig, work: Path, out: Path, stages: list[str] | None = None
     from nitrofusion.models import quiet_libraries
 
     from .source import make_source
-    from .stage2 import build_cache, train_init
-    from .stage3 import train_nitro
 
     quiet_libraries()
     source = make_source(cfg, work)
@@ -50,30 +82,43 @@ def run(cfg: TrainConfig, work: Path, out: Path, stages: list[str] | None = None
     work, out = Path(work), Path(out)
     d = stage_dirs(work)
     exported = None
+    clock = StageClock(work if acc.is_main_process else None)
     for name in STAGES:  # always in pipeline order, whatever order they were asked in
-        if name not in todo:
-            continue
-        if name in SOURCE_STAGES:
-            source.train_stage(name, d[name], acc)
-        elif name == "cache":
-            build_cache(cfg, d[name], source, acc)
-        elif name == "init":
-            if cfg.source.init_unet:  # the paper's setting: the student starts from a distilled few-step UNet
-                if acc.is_main_process:
-                    print(f"[init] skipped: the student starts from --init-unet {cfg.source.init_unet}", flush=True)
-                continue
-            train_init(cfg, d[name], source, d["cache"], acc)
-        elif name == "nitro":
-            train_nitro(cfg, d[name], source, d["init"] / "unet", d["cache"], acc)
-        elif name == "export":
-            if acc.is_main_process:
-                exported = source.export(d["nitro"] / "unet", out)
-                print(f"[export] wrote {exported}", flush=True)
-            acc.wait_for_everyone()
-        elif name == "preview":
-            if acc.is_main_process:
-                from .preview_decoder import run_stage
-
-                run_stage(cfg, d[name], out, log=lambda m: print(m, flush=True))
-            acc.wait_for_everyone()
+        if name in todo:
+            with clock.stage(name):
+                exported = _run_stage(name, cfg, d, source, acc, out) or exported
+    clock.report()
     return exported
+
+
+def _run_stage(name: str, cfg: TrainConfig, d: dict[str, Path], source, acc, out: Path) -> Path | None:
+    """One stage; the exported folder when it is `export`."""
+    from .stage2 import build_cache, train_init
+    from .stage3 import train_nitro
+
+    if name in SOURCE_STAGES:
+        source.train_stage(name, d[name], acc)
+    elif name == "cache":
+        build_cache(cfg, d[name], source, acc)
+    elif name == "init":
+        if cfg.source.init_unet:  # the paper's setting: the student starts from a distilled few-step UNet
+            if acc.is_main_process:
+                print(f"[init] skipped: the student starts from --init-unet {cfg.source.init_unet}", flush=True)
+            return None
+        train_init(cfg, d[name], source, d["cache"], acc)
+    elif name == "nitro":
+        train_nitro(cfg, d[name], source, d["init"] / "unet", d["cache"], acc)
+    elif name == "export":
+        exported = None
+        if acc.is_main_process:
+            exported = source.export(d["nitro"] / "unet", out)
+            print(f"[export] wrote {exported}", flush=True)
+        acc.wait_for_everyone()
+        return exported
+    elif name == "preview":
+        if acc.is_main_process:
+            from .preview_decoder import run_stage
+
+            run_stage(cfg, d[name], out, log=lambda m: print(m, flush=True))
+        acc.wait_for_everyone()
+    return None
