@@ -108,16 +108,21 @@ class Scheduler:
     def active_rows(self) -> int:
         return sum(len(j.requests) for j in self.active)
 
+    @staticmethod
+    def work_of(job: Any) -> tuple[int, int]:
+        """(rows, UNet row-steps) a job still needs: what is left of its rows once started, else all of it."""
+        if job.rows:
+            left = [r.schedule.steps - r.step for r in job.rows if not r.done]
+            return len(left), sum(left)
+        n = len(job.requests)
+        return n, n * job.requests[0].steps
+
     def work_ahead(self) -> tuple[int, int]:
         """(rows, UNet row-steps) queued or in flight: what a newly accepted request waits behind."""
         rows = steps = 0
         for job in list(self.active) + list(self.waiting):
-            if job.rows:
-                left = [r.schedule.steps - r.step for r in job.rows if not r.done]
-                rows, steps = rows + len(left), steps + sum(left)
-            else:
-                n = len(job.requests)
-                rows, steps = rows + n, steps + n * job.requests[0].steps
+            r, s = self.work_of(job)
+            rows, steps = rows + r, steps + s
         return rows, steps
 
     @property

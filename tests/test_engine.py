@@ -363,6 +363,27 @@ def test_an_auto_job_that_waited_past_its_prediction_runs_fewer_steps(make_engin
     assert on_time.steps == 4
 
 
+def test_an_over_committed_queue_lowers_the_waiting_auto_jobs_not_only_the_newest(make_engine):
+    """Behind a 4-step job in flight (50 ms iterations, one row per call, 500 ms target): auto A fits at 4 steps
+    (8 iterations), a fixed 4-step job F queues, then auto B misses the target even at 1 step (13 iterations). The
+    engine brings the waiting auto A down to B's 1 step (fixed F untouched) and B then fits (10 iterations)."""
+    eng, backend, _ = make_engine(max_batch=1, buckets=(1,), latency_target_ms=500, clock=FakeClock())
+    eng.policy.observe_iteration(1, 0.05)
+    gate = held(backend)
+    blocker = eng.submit(Job([req("blocker", 4, 1)]))
+    assert backend.entered.wait(10)
+    a = eng.submit(Job([req("a")], auto_steps=(1, 4)))
+    assert a.steps == 4 and a.predicted_s == pytest.approx(0.4)
+    f = eng.submit(Job([req("f", 4, 2)]))
+    b = eng.submit(Job([req("b")], auto_steps=(1, 4)))
+    assert (a.steps, f.steps, b.steps) == (1, 4, 1)
+    assert a.predicted_s == pytest.approx(0.25) and b.predicted_s == pytest.approx(0.5)
+    gate.set()
+    for j in (blocker, a, f, b):
+        result(j)
+    assert len(backend.unet_calls) == 4 + 1 + 4 + 1
+
+
 class SlowDecodes(FakeBackend):
     """A decode that takes at least 30 ms of wall time (a busy wait: a lower bound, not a timing guess)."""
 
