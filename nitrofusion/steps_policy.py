@@ -13,7 +13,8 @@ a moving average per batch bucket of what the engine measured (`observe_iteratio
 the text encodes and decodes of the work ahead count), decodes likewise per
 batch size. With no measurement yet for a bucket, the nearest measured bucket stands in, scaled by size; with
 none at all, the policy cannot predict and picks `max_steps` (an idle server learns from its first request).
-When the request leaves the queue, `rechoose` lowers its steps if its measured wait left too little time.
+When the request leaves the queue, `rechoose` lowers its steps if its measured wait left too little time; and
+the engine levels an over-committed queue (`Engine._level_waiting`).
 """
 
 from __future__ import annotations
