@@ -112,7 +112,9 @@ def test_a_request_that_waited_too_long_drops_steps_when_it_leaves_the_queue():
     p = policy(target_ms=500, step_ms=50)
     # admitted at 4 steps; it joins the batch after 100 ms: 100 + 4 x 50 fits, keep the choice
     assert p.rechoose(4, 1, waited_s=0.1, rows_beside=3) is None
-    # after 380 ms only 2 steps fit (380 + 100 <= 500; 380 + 150 > 500)
+    # 320 ms: 4 steps end at 520 ms, past the target by less than one 50 ms iteration: kept (the prediction's
+    # resolution); 380 ms: 4 steps would end at 580, and of the fewer counts only 2 fit (380 + 100 <= 500)
+    assert p.rechoose(4, 1, waited_s=0.32, rows_beside=3) is None
     c = p.rechoose(4, 1, waited_s=0.38, rows_beside=3)
     assert c.steps == 2 and c.predicted_s == pytest.approx(0.48)
     # past the target already: min_steps, and the prediction says it will miss
