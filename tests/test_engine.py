@@ -341,16 +341,23 @@ def test_auto_jobs_that_report_served_teach_the_policy_the_time_to_the_response(
     assert len(eng.policy.errors_s) == 2 and eng.policy.errors_s[1] == pytest.approx(-plain.predicted_s)
 
 
-def test_an_auto_job_that_waited_past_its_prediction_runs_fewer_steps(make_engine):
-    """Admitted at 4 steps behind a 4-step job (predicted 8 x 50 ms = 400 ms), the auto job leaves the queue after
-    600 ms of the engine's clock: the engine re-picks when it joins the batch, and it runs (and reports) 1 step.
-    A twin that leaves the queue in time keeps its 4 steps."""
+def behind_a_blocker(make_engine):
+    """A 500 ms target, one row per UNet call, iterations measured at 50 ms, a fake clock, and a fixed 4-step job
+    held inside its first UNet call: (engine, backend, clock, gate, blocker)."""
     clock = FakeClock()
     eng, backend, _ = make_engine(max_batch=1, buckets=(1,), latency_target_ms=500, clock=clock)
     eng.policy.observe_iteration(1, 0.05)
     gate = held(backend)
     blocker = eng.submit(Job([req("blocker", 4, 1)]))
     assert backend.entered.wait(10)
+    return eng, backend, clock, gate, blocker
+
+
+def test_an_auto_job_that_waited_past_its_prediction_runs_fewer_steps(make_engine):
+    """Admitted at 4 steps behind a 4-step job (predicted 8 x 50 ms = 400 ms), the auto job leaves the queue after
+    600 ms of the engine's clock: the engine re-picks when it joins the batch, and it runs (and reports) 1 step.
+    A twin that leaves the queue in time keeps its 4 steps."""
+    eng, backend, clock, gate, blocker = behind_a_blocker(make_engine)
     late = eng.submit(Job([req("late")], auto_steps=(1, 4)))
     assert late.steps == 4 and late.predicted_s == pytest.approx(0.4)
     clock.now += 0.6
@@ -367,11 +374,7 @@ def test_an_over_committed_queue_lowers_the_waiting_auto_jobs_not_only_the_newes
     """Behind a 4-step job in flight (50 ms iterations, one row per call, 500 ms target): auto A fits at 4 steps
     (8 iterations), a fixed 4-step job F queues, then auto B misses the target even at 1 step (13 iterations). The
     engine brings the waiting auto A down to B's 1 step (fixed F untouched) and B then fits (10 iterations)."""
-    eng, backend, _ = make_engine(max_batch=1, buckets=(1,), latency_target_ms=500, clock=FakeClock())
-    eng.policy.observe_iteration(1, 0.05)
-    gate = held(backend)
-    blocker = eng.submit(Job([req("blocker", 4, 1)]))
-    assert backend.entered.wait(10)
+    eng, backend, _, gate, blocker = behind_a_blocker(make_engine)
     a = eng.submit(Job([req("a")], auto_steps=(1, 4)))
     assert a.steps == 4 and a.predicted_s == pytest.approx(0.4)
     f = eng.submit(Job([req("f", 4, 2)]))
