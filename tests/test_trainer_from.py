@@ -68,7 +68,9 @@ def test_smoke_run_trains_every_shared_stage_and_exports_the_source_class(smoke_
     prompts, runs = smoke_runs
     work, model, seconds = runs[family]
     print(f"{family} --smoke wall time: {seconds:.1f} s")
-    assert sorted(p.name for p in work.iterdir()) == SHARED  # no autoencoder / text / teacher stage
+    assert sorted(p.name for p in work.iterdir() if p.is_dir()) == SHARED  # no autoencoder / text / teacher stage
+    times = (work / "stage_times.csv").read_text().splitlines()[1:]  # and each stage's wall time, export included
+    assert [r.split(",")[1] for r in times] == ["cache", "init", "nitro", "export"]
     for name, steps in (("init", 2), ("nitro", 4)):  # smoke: 2 iterations; nitro one per bottom-up phase
         rows = (work / name / "metrics.csv").read_text().splitlines()
         assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, steps + 1)]
