@@ -50,7 +50,7 @@ class StageClock:
             with self.path.open("a") as f:
                 if new:
                     f.write("finished_utc,stage,seconds\n")
-                f.write(f"{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')},{name},{seconds:.1f}\n")
+                f.write(f"{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')},{name},{seconds:.3f}\n")
 
     def report(self) -> None:
         if self.path is not None and len(self.times) > 1:
