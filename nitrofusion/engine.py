@@ -164,10 +164,7 @@ class Engine:
         while the first 33 ran 4 (bundled model, this CPU). Started requests keep their schedules. Lowered ones
         get a new prediction (for the policy's error); True if any changed."""
         now = self.clock()
-        rows = row_steps = 0
-        for j in self.scheduler.active:
-            r, s = self.scheduler.work_of(j)
-            rows, row_steps = rows + r, row_steps + s
+        rows, row_steps = self.scheduler.work_ahead(queued=False)  # then each waiting job's prefix, in queue order
         changed = False
         for j in self.scheduler.waiting:
             if j.auto_steps is not None and j.steps > max(level, j.auto_steps[0]):

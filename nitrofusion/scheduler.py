@@ -117,10 +117,11 @@ class Scheduler:
         n = len(job.requests)
         return n, n * job.requests[0].steps
 
-    def work_ahead(self) -> tuple[int, int]:
-        """(rows, UNet row-steps) queued or in flight: what a newly accepted request waits behind."""
+    def work_ahead(self, queued: bool = True) -> tuple[int, int]:
+        """(rows, UNet row-steps) in flight and (with `queued`) waiting: what a newly accepted request waits
+        behind."""
         rows = steps = 0
-        for job in list(self.active) + list(self.waiting):
+        for job in list(self.active) + (list(self.waiting) if queued else []):
             r, s = self.work_of(job)
             rows, steps = rows + r, steps + s
         return rows, steps

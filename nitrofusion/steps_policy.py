@@ -136,24 +136,23 @@ class StepPolicy:
 
     def rechoose(self, chosen: int, min_steps: int, waited_s: float, rows_beside: int, images: int = 1) -> Choice | None:
         """A second look when an auto request leaves the queue and joins the batch: its wait is now measured
-        (`waited_s` since admission), not predicted, and only its own iterations are left (beside
-        `rows_beside` other active rows). Fewer steps, never more, when the wait ran long: the most steps in
-        [min_steps, chosen] that still meet the target, else min_steps. None keeps the choice (it still fits
-        within one iteration's time, there is nothing below it, no target, or nothing measured). Why: the prediction at admission is made
-        from iteration times measured at a lighter load, so the first wave of a burst is admitted at 4 steps and
-        waits longer than foreseen; this bounds its tail by what is left to run, not by the whole queue."""
+        (`waited_s` since admission), not predicted, and only its own iterations are left (beside `rows_beside`
+        other active rows). Fewer steps, never more, when the wait ran long: the most steps below `chosen` that
+        still meet the target, else min_steps. None keeps the choice (it still fits within one iteration's time,
+        there is nothing below it, no target, or nothing measured). Why: the prediction at admission is made from
+        iteration times measured at a lighter load, so the first wave of a burst is admitted at 4 steps and waits
+        longer than foreseen; this bounds its tail by what is left to run, not by the whole queue."""
         if self.target_s is None or chosen <= min_steps:
             return None
+        left = self.predict(chosen, rows_beside, 0, images)
         # The prediction counts whole iterations, so a wait past it by less than one iteration is within its
         # resolution: without this slack a request predicted right at the target lost a step to the thread
         # handoff between acceptance and admission (a millisecond).
         slack = self._estimate(self.iteration_s, self._bucket(rows_beside + images)) or 0.0
-        for steps in range(chosen, min_steps - 1, -1):
+        if left is None or waited_s + left <= self.target_s + slack:
+            return None
+        for steps in range(chosen - 1, min_steps, -1):
             left = self.predict(steps, rows_beside, 0, images)
-            if left is None:
-                return None
-            if steps == chosen and waited_s + left <= self.target_s + slack:
-                return None
             if waited_s + left <= self.target_s:
                 return Choice(steps, waited_s + left)
         return Choice(min_steps, waited_s + self.predict(min_steps, rows_beside, 0, images))
