@@ -4,6 +4,7 @@ as `nitrofusion eval`'s teacher row, each figure with its 95% bootstrap interval
 
     python bench/teacher_guidance.py --work outputs/shapes                     # 400 prompts, guidance 1/3/5/7.5
     python bench/teacher_guidance.py --work W --images 200 --guidance 3 5 --steps 10 25
+    python bench/teacher_guidance.py --work W --guidance 3 --unet teacher/unet_raw     # an EMA teacher's raw weights
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0, 7.5])
     p.add_argument("--steps", type=int, nargs="+", default=[25])
     p.add_argument("--split", default="train", choices=["train", "heldout"])
+    p.add_argument("--unet", default="teacher/unet",
+                   help="the teacher's UNet folder, relative to --work (e.g. teacher/unet_raw: the trained weights of an "
+                        "EMA teacher)")
     a = p.parse_args(argv)
 
     from nitrofusion.models import quiet_libraries
@@ -40,12 +44,12 @@ def main(argv=None) -> int:
     net = load_feature_net()
     prompts, attrs, noise = eval_set(cfg, a.split, a.images)
     real = extract(net, real_images(cfg, a.split, a.images))
-    print(f"teacher {a.work / 'teacher/unet'}, {a.images} {a.split} prompts")
+    print(f"teacher {a.work / a.unet}, {a.images} {a.split} prompts")
     print("| guidance | steps | alignment | shapes-FID | s |\n|---|---|---|---|---|")
     for steps in a.steps:
         for g in a.guidance:
             cfg.teacher.guidance_scale = g
-            row = Row(f"teacher ({steps} steps, guidance {g:g})", "teacher", "teacher/unet", steps, a.split)
+            row = Row(f"teacher ({steps} steps, guidance {g:g})", "teacher", a.unet, steps, a.split)
             t0 = time.monotonic()
             images = generate(row, cfg, a.work, Path(), frozen, prompts, noise)
             r = score(row, images, attrs, net, real)

@@ -260,6 +260,24 @@ def test_ema_student_is_exported_and_stage3_accumulates(tiny_run, tmp_path):
     assert (tmp_path / "nitro" / "checkpoint" / "student_ema.safetensors").is_file()
 
 
+def test_ema_teacher_is_what_later_stages_sample(tiny_run, tmp_path):
+    """teacher.ema_decay > 0: teacher/unet is the teacher's moving average (decay 0.5 over two steps: the mean of the
+    one-step teacher, made by a one-step run of the same seed, and the trained weights, saved as teacher/unet_raw),
+    kept in the checkpoint for resuming."""
+    _, work, _ = tiny_run
+    one, two = tmp_path / "one", tmp_path / "two"
+    for dst in (one, two):
+        copy_stages(work, dst, ["autoencoder", "text"])
+    run(apply_overrides(recipe("tiny"), ["teacher.optim.steps=1"]), one, one / "model", ["teacher"])
+    run(apply_overrides(recipe("tiny"), ["teacher.ema_decay=0.5"]), two, two / "model", ["teacher"])
+    weights = lambda d, name: load_file(str(d / "teacher" / name / "diffusion_pytorch_model.safetensors"))  # noqa: E731
+    first, raw, ema = weights(one, "unet"), weights(two, "unet_raw"), weights(two, "unet")
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    for k in raw:
+        torch.testing.assert_close(ema[k], 0.5 * first[k] + 0.5 * raw[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert (two / "teacher" / "checkpoint" / "unet_ema.safetensors").is_file()
+
+
 def test_a_4x_down_autoencoder_runs_every_stage_and_exports_its_latent_side(tmp_path):
     """Three autoencoder blocks = 4x down (issue 15: 16x16 latents at 64x64): every stage sizes its latents from
     the autoencoder, the exported pipeline reads the factor back, and the student generates full-size images."""
@@ -296,6 +314,14 @@ def test_pool_probe_and_teacher_guidance_benches_run_on_a_trained_work_dir(tiny_
         ["--work", str(tmp_path), "--images", "4", "--guidance", "1", "3", "--steps", "2"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "%" in line]
     assert [line.split(" | ")[0] for line in table] == ["| 1", "| 3"]
+    # --unet scores another teacher folder (an EMA teacher's raw weights); a folder that is not there fails
+    shutil.copytree(tmp_path / "teacher" / "unet", tmp_path / "teacher" / "unet_raw")
+    assert load_script("bench/teacher_guidance.py").main(
+        ["--work", str(tmp_path), "--images", "4", "--guidance", "3", "--steps", "2", "--unet", "teacher/unet_raw"]) == 0
+    assert "teacher/unet_raw, 4 train prompts" in capsys.readouterr().out
+    with pytest.raises(OSError):
+        load_script("bench/teacher_guidance.py").main(
+            ["--work", str(tmp_path), "--images", "4", "--guidance", "3", "--steps", "2", "--unet", "teacher/none"])
 
 
 def test_shapes16_recipe_is_4x_down_and_its_parts_agree(tmp_path):

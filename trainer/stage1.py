@@ -177,6 +177,12 @@ class TeacherJob(StageJob):
             self.unet.enable_gradient_checkpointing()
         self.opt = make_optimizer(self.unet.parameters(), c.optim)
         stage.register("unet", self.unet, self.opt)
+        self.ema = None
+        if c.ema_decay:  # registered before the checkpoint loads, so a resumed run keeps its average
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay))
+            stage.register("unet_ema", self.ema)
 
     def describe(self) -> str:
         return f"{count_params(self.unet) / 1e6:.2f}M params"
@@ -184,6 +190,8 @@ class TeacherJob(StageJob):
     def start(self, stage: Stage) -> None:
         cfg = self.cfg
         self.unet, self.opt = self.acc.prepare(self.unet, self.opt)
+        if self.ema is not None:
+            self.ema.to(self.acc.device)
         self.abar = alphas_cumprod()
         self.data = ShapesDataset(cfg.data.image_size, cfg.data.seed, "train", cfg.data.heldout_fraction)
         self.pool = (latent_pool(cfg, self.folder, self.frozen["vae"], self.data, self.acc)
@@ -222,10 +230,18 @@ class TeacherJob(StageJob):
 
         logs = accumulate(acc, self.unet, c.optim.grad_accum, micro)
         step_optimizer(acc, self.opt, self.unet.parameters(), c.optim)
+        if self.ema is not None:
+            self.ema.update_parameters(acc.unwrap_model(self.unet))
         return logs
 
     def save(self) -> None:
-        self.acc.unwrap_model(self.unet).save_pretrained(self.folder / "unet")
+        """teacher/unet: the EMA when teacher.ema_decay > 0 (the trained weights then in teacher/unet_raw)."""
+        raw = self.acc.unwrap_model(self.unet)
+        if self.ema is not None:
+            self.ema.module.save_pretrained(self.folder / "unet")
+            raw.save_pretrained(self.folder / "unet_raw")
+        else:
+            raw.save_pretrained(self.folder / "unet")
 
 
 def train_teacher(cfg: TrainConfig, folder: Path, frozen_dirs: dict[str, Path], accelerator) -> Path:

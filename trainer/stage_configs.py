@@ -152,6 +152,10 @@ class TeacherConfig:
     # > 0: add this times a per-channel constant N(0, 1) to the training noise ("offset noise"), so the image-wide
     # mean of a noisy latent does not give the background away and the prompt has to.
     offset_noise: float = 0.0
+    # > 0: keep an exponential moving average of the teacher (torch AveragedModel, updated every optimizer step) and
+    # save it as teacher/unet, the weights every later stage samples from (the trained weights: teacher/unet_raw).
+    # With a constant lr the last step's weights are one draw from where the optimizer wanders; 0: off.
+    ema_decay: float = 0.0
     # Constant lr to the end. `--set teacher.optim.decay_steps=1500` (the last 1500 decaying to 0) was measured on
     # this CPU (2026-11-26, the whole recipe from the same autoencoder, 400 eval prompts each): teacher alignment
     # 63.0% -> 65.8% and the 1-step student 57.2% -> 59.8%, but the student's shapes-FID 86.8 -> 96.7 (the teacher's
@@ -163,6 +167,7 @@ class TeacherConfig:
         self.timesteps = tuple(self.timesteps)
         _check(0 <= self.cond_dropout < 1, "teacher.cond_dropout must be in [0, 1)")
         _check(self.min_snr_gamma >= 0 and self.offset_noise >= 0, "teacher.min_snr_gamma, offset_noise: >= 0")
+        _check(0 <= self.ema_decay < 1, "teacher.ema_decay must be in [0, 1)")
         _check(1 <= self.sample_steps <= 1000, "teacher.sample_steps must be in [1, 1000]")
         _check(self.solver in SOLVERS, f"teacher.solver must be one of {', '.join(SOLVERS)}")
         _check(all(0 <= t < 1000 for t in self.timesteps) and list(self.timesteps) == sorted(self.timesteps)[::-1]
