@@ -4,7 +4,7 @@ as `nitrofusion eval`'s teacher row, each figure with its 95% bootstrap interval
 
     python bench/teacher_guidance.py --work outputs/shapes                     # 400 prompts, guidance 1/3/5/7.5
     python bench/teacher_guidance.py --work W --images 200 --guidance 3 5 --steps 10 25
-    python bench/teacher_guidance.py --work W --guidance 3 --unet teacher/unet_raw     # an EMA teacher's raw weights
+    python bench/teacher_guidance.py --work W --guidance 3 --unet teacher/unet_raw teacher/unet  # EMA vs raw, paired
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0, 7.5])
     p.add_argument("--steps", type=int, nargs="+", default=[25])
     p.add_argument("--split", default="train", choices=["train", "heldout"])
-    p.add_argument("--unet", default="teacher/unet",
-                   help="the teacher's UNet folder, relative to --work (e.g. teacher/unet_raw: the trained weights of an "
-                        "EMA teacher)")
+    p.add_argument("--unet", nargs="+", default=["teacher/unet"],
+                   help="teacher UNet folders, relative to --work (e.g. teacher/unet_raw teacher/unet: an EMA teacher's "
+                        "trained weights and its average); rows after the first get their paired difference to it")
     a = p.parse_args(argv)
 
     from nitrofusion.models import quiet_libraries
     from trainer.config import TrainConfig
-    from trainer.eval_stats import cell
+    from trainer.eval_stats import cell, paired_difference_ci
     from trainer.evaluate import Row, eval_set, generate, real_images, score
     from trainer.features import extract, load_feature_net
     from trainer.recipe import frozen_dirs
@@ -44,17 +44,25 @@ def main(argv=None) -> int:
     net = load_feature_net()
     prompts, attrs, noise = eval_set(cfg, a.split, a.images)
     real = extract(net, real_images(cfg, a.split, a.images))
-    print(f"teacher {a.work / a.unet}, {a.images} {a.split} prompts")
-    print("| guidance | steps | alignment | shapes-FID | s |\n|---|---|---|---|---|")
+    print(f"teacher {', '.join(str(a.work / u) for u in a.unet)}, {a.images} {a.split} prompts")
+    print("| guidance | steps | unet | alignment | vs the first row (paired) | shapes-FID | s |\n|---|---|---|---|---|---|---|")
+    first = None
     for steps in a.steps:
         for g in a.guidance:
-            cfg.teacher.guidance_scale = g
-            row = Row(f"teacher ({steps} steps, guidance {g:g})", "teacher", a.unet, steps, a.split)
-            t0 = time.monotonic()
-            images = generate(row, cfg, a.work, Path(), frozen, prompts, noise)
-            r = score(row, images, attrs, net, real)
-            print(f"| {g:g} | {steps} | {cell(r.alignment, r.alignment_ci, 100, unit='%')} | "
-                  f"{cell(r.fid, r.fid_ci, fmt='.2f')} | {time.monotonic() - t0:.0f} |", flush=True)
+            for unet in a.unet:
+                cfg.teacher.guidance_scale = g
+                row = Row(f"teacher ({steps} steps, guidance {g:g})", "teacher", unet, steps, a.split)
+                t0 = time.monotonic()
+                images = generate(row, cfg, a.work, Path(), frozen, prompts, noise)
+                r = score(row, images, attrs, net, real)
+                diff = ""
+                if first is None:
+                    first = r
+                else:
+                    lo, hi = paired_difference_ci(r.hits, first.hits)
+                    diff = f"{(r.alignment - first.alignment) * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
+                print(f"| {g:g} | {steps} | {unet} | {cell(r.alignment, r.alignment_ci, 100, unit='%')} | {diff} | "
+                      f"{cell(r.fid, r.fid_ci, fmt='.2f')} | {time.monotonic() - t0:.0f} |", flush=True)
     return 0
 
 

@@ -317,8 +317,13 @@ def test_pool_probe_and_teacher_guidance_benches_run_on_a_trained_work_dir(tiny_
     # --unet scores another teacher folder (an EMA teacher's raw weights); a folder that is not there fails
     shutil.copytree(tmp_path / "teacher" / "unet", tmp_path / "teacher" / "unet_raw")
     assert load_script("bench/teacher_guidance.py").main(
-        ["--work", str(tmp_path), "--images", "4", "--guidance", "3", "--steps", "2", "--unet", "teacher/unet_raw"]) == 0
-    assert "teacher/unet_raw, 4 train prompts" in capsys.readouterr().out
+        ["--work", str(tmp_path), "--images", "4", "--guidance", "3", "--steps", "2", "--unet", "teacher/unet",
+         "teacher/unet_raw"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher/unet_raw, 4 train prompts" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 3 |")]
+    assert [r[2] for r in rows] == ["teacher/unet", "teacher/unet_raw"]
+    assert rows[0][4] == "" and rows[1][4].startswith("+0.0 [")  # the same weights: no difference, paired
     with pytest.raises(OSError):
         load_script("bench/teacher_guidance.py").main(
             ["--work", str(tmp_path), "--images", "4", "--guidance", "3", "--steps", "2", "--unet", "teacher/none"])
