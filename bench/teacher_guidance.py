@@ -5,6 +5,7 @@ as `nitrofusion eval`'s teacher row, each figure with its 95% bootstrap interval
     python bench/teacher_guidance.py --work outputs/shapes                     # 400 prompts, guidance 1/3/5/7.5
     python bench/teacher_guidance.py --work W --images 200 --guidance 3 5 --steps 10 25
     python bench/teacher_guidance.py --work W --guidance 3 --unet teacher/unet_raw teacher/unet  # EMA vs raw, paired
+    python bench/teacher_guidance.py --work W --guidance 3 --images 1000 --validation --unet A B  # choose a teacher
 """
 
 from __future__ import annotations
@@ -18,6 +19,33 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def validation_set(cfg, split: str, n: int):
+    """eval_set / real_images with bench/pick_run.py's validation offsets and noise seeds."""
+    import numpy as np
+    import torch
+
+    from trainer.evaluate import dataset
+    from trainer.shapes import prompt
+
+    pick_run = load_pick_run()
+    data = dataset(cfg, split)
+    attrs = [data.attributes(pick_run.VAL_OFFSET + i)[0] for i in range(n)]
+    latent = cfg.data.image_size // cfg.autoencoder.scale_factor
+    noise = torch.stack([torch.randn((cfg.autoencoder.latent_channels, latent, latent),
+                                     generator=torch.Generator().manual_seed(pick_run.VAL_SEED0 + i)) for i in range(n)])
+    reals = np.stack([data[pick_run.VAL_REAL_OFFSET + i][0] for i in range(n)])
+    return [prompt(x) for x in attrs], attrs, noise, reals
+
+
+def load_pick_run():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pick_run", REPO / "bench" / "pick_run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True, type=Path, help="a shapes run's folder (teacher/unet, autoencoder, text)")
@@ -25,6 +53,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0, 7.5])
     p.add_argument("--steps", type=int, nargs="+", default=[25])
     p.add_argument("--split", default="train", choices=["train", "heldout"])
+    p.add_argument("--validation", action="store_true",
+                   help="score on bench/pick_run.py's validation prompts, noise and reference images, which "
+                        "`nitrofusion eval` never uses: for choosing among teachers without choosing on the eval set")
     p.add_argument("--unet", nargs="+", default=["teacher/unet"],
                    help="teacher UNet folders, relative to --work (e.g. teacher/unet_raw teacher/unet: an EMA teacher's "
                         "trained weights and its average); rows after the first get their paired difference to it")
@@ -42,9 +73,14 @@ def main(argv=None) -> int:
     cfg = TrainConfig.load(a.work / "teacher" / "train_config.json")
     frozen = load_frozen(frozen_dirs(a.work), "cpu")
     net = load_feature_net()
-    prompts, attrs, noise = eval_set(cfg, a.split, a.images)
-    real = extract(net, real_images(cfg, a.split, a.images))
-    print(f"teacher {', '.join(str(a.work / u) for u in a.unet)}, {a.images} {a.split} prompts")
+    if a.validation:
+        prompts, attrs, noise, reals = validation_set(cfg, a.split, a.images)
+    else:
+        prompts, attrs, noise = eval_set(cfg, a.split, a.images)
+        reals = real_images(cfg, a.split, a.images)
+    real = extract(net, reals)
+    print(f"teacher {', '.join(str(a.work / u) for u in a.unet)}, {a.images} {a.split} "
+          f"{'validation ' if a.validation else ''}prompts")
     print("| guidance | steps | unet | alignment | vs the first row (paired) | shapes-FID | s |\n|---|---|---|---|---|---|---|")
     first = None
     for steps in a.steps:
