@@ -2,8 +2,8 @@
 uses, so the chosen model's EVAL.md rows are not the figures it was chosen on.
 
 The validation prompts, their noise and the FID reference images come from other dataset indices and seeds than
-the eval set's (trainer/evaluate.py: EVAL_OFFSET, REAL_OFFSET, SEED0). Each run's exported model makes 1-step
-images through the inference pipeline; the table gives alignment and shapes-FID with their 95% intervals. The
+the eval set's (trainer/evaluate.py: VAL_OFFSET, VAL_REAL_OFFSET, VAL_SEED0 against EVAL_OFFSET, REAL_OFFSET,
+SEED0). Each run's exported model makes 1-step images through the inference pipeline; the table gives alignment and shapes-FID with their 95% intervals. The
 pick: the lowest shapes-FID among the runs whose alignment is within `--alignment-slack` points of the best one's
 (alignment is the first goal; FID separates runs whose alignment is within noise of each other).
 
@@ -21,30 +21,24 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VAL_OFFSET = 5 * 10**8  # prompts: disjoint from training streams and from the eval set (3e8) and its reals (4e8)
-VAL_REAL_OFFSET = 6 * 10**8
-VAL_SEED0 = 2 * 10**6  # image i starts from the noise of seed VAL_SEED0 + i (eval images: 10**6 + i)
-
 
 def validation_scores(recipe_name: str, runs: dict[str, Path], n: int, steps: int = 1) -> dict[str, dict]:
     from nitrofusion.generation import GenerationRequest
     from nitrofusion.pipeline import load_pipeline
     from trainer.config import recipe
     from trainer.eval_stats import fid_ci, proportion_ci
-    from trainer.evaluate import dataset, detections
+    from trainer.evaluate import VAL_OFFSET, VAL_REAL_OFFSET, VAL_SEED0, detections, eval_set, real_images
     from trainer.features import extract, frechet_distance, load_feature_net
-    from trainer.shapes import prompt
 
     cfg = recipe(recipe_name)
-    data = dataset(cfg, "train")
-    attrs = [data.attributes(VAL_OFFSET + i)[0] for i in range(n)]
+    prompts, attrs, _ = eval_set(cfg, "train", n, offset=VAL_OFFSET, seed0=VAL_SEED0)
     net = load_feature_net()
-    real = extract(net, np.stack([data[VAL_REAL_OFFSET + i][0] for i in range(n)]))
+    real = extract(net, real_images(cfg, "train", n, offset=VAL_REAL_OFFSET))
     side = cfg.data.image_size
     out = {}
     for name, model in runs.items():
         pipe = load_pipeline(model, device="cpu", backend="torch", dtype="float32")
-        reqs = [GenerationRequest(prompt(a), steps, VAL_SEED0 + i, side, side) for i, a in enumerate(attrs)]
+        reqs = [GenerationRequest(p, steps, VAL_SEED0 + i, side, side) for i, p in enumerate(prompts)]
         images = np.stack([im for s in range(0, n, 200) for im in pipe(reqs[s:s + 200])])
         hits = detections(images, attrs)["all"]
         feats = extract(net, images)

@@ -19,33 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def validation_set(cfg, split: str, n: int):
-    """eval_set / real_images with bench/pick_run.py's validation offsets and noise seeds."""
-    import numpy as np
-    import torch
-
-    from trainer.evaluate import dataset
-    from trainer.shapes import prompt
-
-    pick_run = load_pick_run()
-    data = dataset(cfg, split)
-    attrs = [data.attributes(pick_run.VAL_OFFSET + i)[0] for i in range(n)]
-    latent = cfg.data.image_size // cfg.autoencoder.scale_factor
-    noise = torch.stack([torch.randn((cfg.autoencoder.latent_channels, latent, latent),
-                                     generator=torch.Generator().manual_seed(pick_run.VAL_SEED0 + i)) for i in range(n)])
-    reals = np.stack([data[pick_run.VAL_REAL_OFFSET + i][0] for i in range(n)])
-    return [prompt(x) for x in attrs], attrs, noise, reals
-
-
-def load_pick_run():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pick_run", REPO / "bench" / "pick_run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True, type=Path, help="a shapes run's folder (teacher/unet, autoencoder, text)")
@@ -64,7 +37,7 @@ def main(argv=None) -> int:
     from nitrofusion.models import quiet_libraries
     from trainer.config import TrainConfig
     from trainer.eval_stats import cell, paired_difference_ci
-    from trainer.evaluate import Row, eval_set, generate, real_images, score
+    from trainer.evaluate import VAL_OFFSET, VAL_REAL_OFFSET, VAL_SEED0, Row, eval_set, generate, real_images, score
     from trainer.features import extract, load_feature_net
     from trainer.recipe import frozen_dirs
     from trainer.stage1 import load_frozen
@@ -74,11 +47,11 @@ def main(argv=None) -> int:
     frozen = load_frozen(frozen_dirs(a.work), "cpu")
     net = load_feature_net()
     if a.validation:
-        prompts, attrs, noise, reals = validation_set(cfg, a.split, a.images)
+        prompts, attrs, noise = eval_set(cfg, a.split, a.images, offset=VAL_OFFSET, seed0=VAL_SEED0)
+        real = extract(net, real_images(cfg, a.split, a.images, offset=VAL_REAL_OFFSET))
     else:
         prompts, attrs, noise = eval_set(cfg, a.split, a.images)
-        reals = real_images(cfg, a.split, a.images)
-    real = extract(net, reals)
+        real = extract(net, real_images(cfg, a.split, a.images))
     print(f"teacher {', '.join(str(a.work / u) for u in a.unet)}, {a.images} {a.split} "
           f"{'validation ' if a.validation else ''}prompts")
     print("| guidance | steps | unet | alignment | vs the first row (paired) | shapes-FID | s |\n|---|---|---|---|---|---|---|")

@@ -324,18 +324,22 @@ def test_pool_probe_and_teacher_guidance_benches_run_on_a_trained_work_dir(tiny_
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 3 |")]
     assert [r[2] for r in rows] == ["teacher/unet", "teacher/unet_raw"]
     assert rows[0][4] == "" and rows[1][4].startswith("+0.0 [")  # the same weights: no difference, paired
-    # --validation: bench/pick_run.py's prompts and noise, not the eval set's, so the images differ
+    # --validation: the validation prompts, noise and reals (trainer.evaluate.VAL_*), not the eval set's, so the same
+    # teacher gets another FID than on the eval set above
     assert load_script("bench/teacher_guidance.py").main(
         ["--work", str(tmp_path), "--images", "4", "--guidance", "3", "--steps", "2", "--validation"]) == 0
     out = capsys.readouterr().out
     assert "4 train validation prompts" in out
+    (val_row,) = [line.split(" | ") for line in out.splitlines() if line.startswith("| 3 |")]
+    assert val_row[2] == "teacher/unet" and val_row[5] != rows[0][5]
     from trainer.config import TrainConfig
-    from trainer.evaluate import eval_set
+    from trainer.evaluate import VAL_OFFSET, VAL_REAL_OFFSET, VAL_SEED0, eval_set, real_images
     cfg = TrainConfig.load(tmp_path / "teacher" / "train_config.json")
-    val_prompts, _, val_noise, _ = load_script("bench/teacher_guidance.py").validation_set(cfg, "train", 4)
+    val_prompts, _, val_noise = eval_set(cfg, "train", 4, offset=VAL_OFFSET, seed0=VAL_SEED0)
     eval_prompts, _, eval_noise = eval_set(cfg, "train", 4)
     assert val_noise.shape == eval_noise.shape and not torch.equal(val_noise, eval_noise)
     assert len(val_prompts) == 4 and val_prompts != eval_prompts
+    assert not np.array_equal(real_images(cfg, "train", 4, offset=VAL_REAL_OFFSET), real_images(cfg, "train", 4))
     with pytest.raises(OSError):
         load_script("bench/teacher_guidance.py").main(
             ["--work", str(tmp_path), "--images", "4", "--guidance", "3", "--steps", "2", "--unet", "teacher/none"])

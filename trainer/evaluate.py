@@ -25,6 +25,11 @@ from .shapes import Attributes, ShapesDataset, prompt
 EVAL_OFFSET = 3 * 10**8  # dataset indices of eval prompts: disjoint from every training stream
 REAL_OFFSET = 4 * 10**8  # dataset images of the FID reference side: other indices than the prompts'
 SEED0 = 10**6  # image i of every row starts from the noise of seed SEED0 + i
+# The validation set (bench/pick_run.py, bench/teacher_guidance.py --validation): for choosing among runs without
+# choosing on the eval set. Prompts, reals and noise seeds disjoint from training streams and from the above.
+VAL_OFFSET = 5 * 10**8
+VAL_REAL_OFFSET = 6 * 10**8
+VAL_SEED0 = 2 * 10**6
 ATTRS = ("background", "colour", "shape", "position", "size", "fill")
 
 # 1-step ablations (paper Sec. 3.2 design choices), each a stage-3 run of phase 1 only from the same init.
@@ -99,19 +104,22 @@ def dataset(cfg: TrainConfig, split: str) -> ShapesDataset:
     return ShapesDataset(cfg.data.image_size, cfg.data.seed, split, cfg.data.heldout_fraction)
 
 
-def eval_set(cfg: TrainConfig, split: str, n: int) -> tuple[list[str], list[Attributes], torch.Tensor]:
-    """Prompts, their attributes and one fixed noise tensor per image (seeded by the image's index)."""
+def eval_set(cfg: TrainConfig, split: str, n: int, offset: int = EVAL_OFFSET,
+             seed0: int = SEED0) -> tuple[list[str], list[Attributes], torch.Tensor]:
+    """Prompts, their attributes and one fixed noise tensor per image (seeded by the image's index). `offset`,
+    `seed0`: VAL_OFFSET, VAL_SEED0 for the validation set."""
     data = dataset(cfg, split)
-    attrs = [data.attributes(EVAL_OFFSET + i)[0] for i in range(n)]
+    attrs = [data.attributes(offset + i)[0] for i in range(n)]
     latent = cfg.data.image_size // cfg.autoencoder.scale_factor
     noise = torch.stack([torch.randn((cfg.autoencoder.latent_channels, latent, latent),
-                                     generator=torch.Generator().manual_seed(SEED0 + i)) for i in range(n)])
+                                     generator=torch.Generator().manual_seed(seed0 + i)) for i in range(n)])
     return [prompt(a) for a in attrs], attrs, noise
 
 
-def real_images(cfg: TrainConfig, split: str, n: int) -> np.ndarray:
+def real_images(cfg: TrainConfig, split: str, n: int, offset: int = REAL_OFFSET) -> np.ndarray:
+    """The FID reference side; `offset`: VAL_REAL_OFFSET for the validation set."""
     data = dataset(cfg, split)
-    return np.stack([data[REAL_OFFSET + i][0] for i in range(n)])
+    return np.stack([data[offset + i][0] for i in range(n)])
 
 
 @torch.no_grad()

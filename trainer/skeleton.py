@@ -93,6 +93,19 @@ def run_stage(job: StageJob) -> Any:
     return job.outputs()
 
 
+def moving_average(stage: Stage, module: torch.nn.Module, decay: float, name: str) -> torch.nn.Module | None:
+    """An exponential moving average of `module` (torch AveragedModel; the caller updates it after each optimizer
+    step), registered as `name` before the checkpoint loads so that a resumed run keeps its average. None when
+    decay is 0."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    stage.register(name, ema)
+    return ema
+
+
 def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig,
                    betas: tuple[float, float] | None = None, lr: float | None = None) -> torch.optim.Optimizer:
     """AdamW from the stage's optim config; `optim.optimizer="adamw8bit"` swaps in bitsandbytes' 8-bit AdamW

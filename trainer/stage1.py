@@ -16,7 +16,7 @@ from .config import TeacherConfig, TrainConfig
 from .loop import Stage, autocast, set_lr
 from .models import NOISE_SCHEDULE, TextEncoderWrapper, add_noise, alphas_cumprod, build_unet, count_params
 from .shapes import ShapesDataset
-from .skeleton import StageJob, accumulate, make_optimizer, run_stage, step_optimizer
+from .skeleton import StageJob, accumulate, make_optimizer, moving_average, run_stage, step_optimizer
 from .stage0 import batch_indices
 
 
@@ -177,12 +177,7 @@ class TeacherJob(StageJob):
             self.unet.enable_gradient_checkpointing()
         self.opt = make_optimizer(self.unet.parameters(), c.optim)
         stage.register("unet", self.unet, self.opt)
-        self.ema = None
-        if c.ema_decay:  # registered before the checkpoint loads, so a resumed run keeps its average
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-            self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay))
-            stage.register("unet_ema", self.ema)
+        self.ema = moving_average(stage, self.unet, c.ema_decay, "unet_ema")
 
     def describe(self) -> str:
         return f"{count_params(self.unet) / 1e6:.2f}M params"

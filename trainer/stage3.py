@@ -29,7 +29,7 @@ from .discriminator import FrozenEncoder, HeadPool
 from .loop import Stage, frozen_dtype, set_lr
 from .models import alphas_cumprod, count_params
 from .nitro_step import Batch, NitroNets, Plan, discriminator_step, draw_noises, generator_step, student_x0
-from .skeleton import StageJob, make_optimizer, run_stage
+from .skeleton import StageJob, make_optimizer, moving_average, run_stage
 from .stage1 import TeacherSampler
 
 PHASE1_DIR = "unet_phase1"  # snapshot of the student when phase 1 (one-step training) ends
@@ -75,12 +75,7 @@ class NitroJob(StageJob):
             self.student = UNet2DConditionModel.from_pretrained(self.init_dir)
         if c.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
-        self.ema = None
-        if c.ema_decay:  # registered before the checkpoint loads, so a resumed run keeps its average
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-            self.ema = AveragedModel(self.student, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay))
-            stage.register("student_ema", self.ema)
+        self.ema = moving_average(stage, self.student, c.ema_decay, "student_ema")
         self.opt_g = make_optimizer(self.student.parameters(), c.optim)
         # The heads' optimizer is always plain AdamW: small, and refresh drops its per-head state.
         self.opt_d = torch.optim.AdamW(self.pool.parameters(), lr=c.lr_disc, betas=(0.0, 0.99))
