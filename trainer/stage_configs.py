@@ -159,10 +159,10 @@ class TeacherConfig:
     # FID 32.1): decay 0.999 84.5% / FID 42.1, 0.9995 81.0% / 59.8, 0.9998 1.7%: the weights still move too fast
     # at 8000 steps for an average of them to be a model. Not adopted (docs/training.md, round 5).
     ema_decay: float = 0.0
-    # Constant lr to the end. `--set teacher.optim.decay_steps=1500` (the last 1500 decaying to 0) was measured on
-    # this CPU (2026-11-26, the whole recipe from the same autoencoder, 400 eval prompts each): teacher alignment
-    # 63.0% -> 65.8% and the 1-step student 57.2% -> 59.8%, but the student's shapes-FID 86.8 -> 96.7 (the teacher's
-    # 96.2 -> 102.1). Not adopted: README, 'What limits it'.
+    # The default is a constant lr to the end; shapes16 decays it over its last 1,000 of 13,000 steps (presets.py).
+    # On the 8x8 `shapes` recipe `--set teacher.optim.decay_steps=1500` was measured (2026-11-26, the whole recipe
+    # from the same autoencoder, 400 eval prompts each): teacher alignment 63.0% -> 65.8% and the 1-step student
+    # 57.2% -> 59.8%, but the student's shapes-FID 86.8 -> 96.7 (the teacher's 96.2 -> 102.1), so `shapes` keeps it off.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=8000, batch_size=32, lr=3e-4,
                                                                    checkpoint_every=500))
 
