@@ -1,11 +1,12 @@
 """Choose among training runs of one recipe (seeds, variants) on a validation set that `nitrofusion eval` never
 uses, so the chosen model's EVAL.md rows are not the figures it was chosen on.
 
-The validation prompts, their noise and the FID reference images come from other dataset indices and seeds than
-the eval set's (trainer/evaluate.py: VAL_OFFSET, VAL_REAL_OFFSET, VAL_SEED0 against EVAL_OFFSET, REAL_OFFSET,
-SEED0). Each run's exported model makes 1-step images through the inference pipeline; the table gives alignment and shapes-FID with their 95% intervals. The
-pick: the lowest shapes-FID among the runs whose alignment is within `--alignment-slack` points of the best one's
-(alignment is the first goal; FID separates runs whose alignment is within noise of each other).
+The validation prompts, their noise and the FID reference images come from other dataset indices and seeds than the
+eval set's (trainer/evaluate.py: VAL_OFFSET, VAL_REAL_OFFSET, VAL_SEED0 against EVAL_OFFSET, REAL_OFFSET, SEED0).
+Each run's exported model makes 1-step images through the inference pipeline; the table gives alignment and
+shapes-FID with their 95% intervals. The pick: the lowest shapes-FID among the runs whose alignment is within
+`--alignment-slack` points of the best one's (alignment is the first goal; FID separates runs whose alignment is
+within noise of each other).
 
     python bench/pick_run.py --recipe shapes16 --run seed0=W0/model --run seed1=W1/model --images 1000
 """
