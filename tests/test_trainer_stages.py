@@ -103,6 +103,20 @@ def test_student_loads_through_load_pipeline_and_generates_1_to_4_steps(tiny_run
     assert np.array_equal(images[1], pipe([GenerationRequest(prompt, 2, 7, 32, 32)])[0])
 
 
+def test_a_stage_without_its_final_checkpoint_keeps_the_one_before_and_the_same_output(tiny_run, tmp_path):
+    """optim.checkpoint_final=false (a run short of disk at SDXL size): the stage ends DONE with the same output,
+    and its checkpoint is the last periodic one (step 1 of 2), not the final one."""
+    _, work, _ = tiny_run
+    copy_stages(work, tmp_path, ["autoencoder", "text"])
+    run(apply_overrides(recipe("tiny"), ["teacher.optim.checkpoint_final=false"]), tmp_path, tmp_path / "m", ["teacher"])
+    assert (tmp_path / "teacher" / "DONE").is_file()
+    assert json.loads((tmp_path / "teacher" / "checkpoint" / "state.json").read_text())["step"] == 1
+    a = load_file(str(work / "teacher" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 @pytest.mark.parametrize("stage", ["teacher", "nitro"])
 def test_resume_continues_and_matches_an_uninterrupted_run(tiny_run, tmp_path, stage, capsys):
     """Stop after step 1, resume to step 3: the same weights as three steps in one go."""

@@ -256,7 +256,10 @@ class Stage:
             self._tb.close()
             self._tb = None
 
-    def maybe_checkpoint(self, every: int) -> None:
-        if self.step % every == 0 or self.step == self.total:
+    def maybe_checkpoint(self, every: int, final: bool = True) -> None:
+        if self.step == self.total:
+            if final:
+                self.save_checkpoint()
+        elif self.step % every == 0:
             self.save_checkpoint()
 

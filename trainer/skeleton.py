@@ -84,7 +84,7 @@ def run_stage(job: StageJob) -> Any:
         stage.step += 1
         stage.log(logs)
         job.after_iteration(stage)
-        stage.maybe_checkpoint(job.optim.checkpoint_every)
+        stage.maybe_checkpoint(job.optim.checkpoint_every, job.optim.checkpoint_final)
     stage.close()
     job.finish(stage)
     if job.acc.is_main_process:

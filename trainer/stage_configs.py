@@ -50,6 +50,10 @@ class OptimConfig:
     # with its optimizer state fit beside the frozen teacher encoder on one card.
     optimizer: str = "adamw"
     checkpoint_every: int = 200
+    # The checkpoint at the last step: only to continue a finished stage (remove its DONE file, raise `steps`). At
+    # SDXL size it is ~31 GB beside the stage's ~10 GB output (fp32 student and AdamW state), so a run short of
+    # disk can leave it out; a run killed before the stage's output is written then resumes from the one before.
+    checkpoint_final: bool = True
     log_every: int = 10
 
     def __post_init__(self):
