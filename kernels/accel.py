@@ -93,8 +93,9 @@ class Accelerator:
             if acc.vae_decoder.handle is not None:
                 acc.handles.append(acc.vae_decoder.handle)
         if acc.cuda_graphs:
-            # The decoder's graphs get their own memory pool: the engine replays them on a decode stream while
-            # the next UNet step replays on the main one, and two graphs running at once must not share a pool.
+            # The decoder's graphs get their own memory pool and capture stream (so their own cuBLAS workspace):
+            # the engine replays them on a decode stream while the next UNet step replays on the main one, and
+            # two graphs running at once must share neither.
             acc.build_graphs(CudaGraphCapturer(), CudaGraphCapturer())
         return acc
 

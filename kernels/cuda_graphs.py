@@ -67,17 +67,26 @@ class CapturedGraph:
 
 class CudaGraphCapturer:
     """torch.cuda.CUDAGraph capture: warm up on a side stream (Triton compiles, cuDNN picks algorithms),
-    then capture into one memory pool shared by all graphs of this cache (only one replays at a time)."""
+    then capture into one memory pool shared by all graphs of this capturer (only one replays at a time), on
+    this capturer's own capture stream.
+
+    The own stream matters for graphs that replay at the same time (the decoder's on the decode stream, the
+    UNet's on the main one): cuBLAS keeps one workspace per (handle, stream), and a graph bakes in the
+    workspace of the stream it was captured on. On torch's shared default capture stream every graph got the
+    same workspace, and overlapped replays raced on it (H200, 2026-11-30: decode overlap changed 489 pixels of
+    one image in ten by 1/255 with graphs on, nothing with graphs off; bench/overlap_determinism.py)."""
 
     device_type = "cuda"
 
     def __init__(self, warmup: int = 2):
         self.warmup = warmup
         self.pool = None
+        self.stream = None
 
     def __call__(self, fn: Callable[..., Any], buffers: StaticBuffers) -> tuple[tuple[torch.Tensor, ...], Callable]:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+            self.stream = torch.cuda.Stream()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -85,7 +94,7 @@ class CudaGraphCapturer:
                 fn(*buffers.tensors)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             out = _as_tuple(fn(*buffers.tensors))
         return out, graph.replay
 
