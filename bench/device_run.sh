@@ -12,6 +12,10 @@
 # Everything lands in $OUT; append the .md files to BENCHMARKS.md afterwards (the device's tree does not come
 # back). TINY=1 runs every step at toy sizes on the CPU, to check the script before spending GPU time.
 # PART=1 runs steps 2-4, PART=2 steps 5-6 (two calls on a warm machine when one would pass 10 minutes).
+# PART=3 (only when asked for by name) is the follow-up after the first H200 round, for one call: issue 14's
+# remainder (the paper's micro-batch 5 at 1024^2 and the largest that fits, then `train --from --smoke` at SDXL
+# size), the CUDA-only tests rewritten since, bench/overlap_determinism.py, and the 512^2 server run with pinned
+# staging for the overlap. SKIP_TRAIN3=1 and SKIP_TESTS=1 leave out its first two steps (a second call).
 set -uo pipefail
 OUT=${OUT:-/tmp/nitro-out}
 mkdir -p "$OUT"
@@ -26,18 +30,20 @@ export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TRITON_CAC
 export NITRO_CACHE_DIR=/tmp/nitro-cache
 T0=$(date +%s)
 PART=${PART:-all}
-part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+part() { [ "$PART" = "$1" ] || { [ "$PART" = all ] && [ "$1" != 3 ]; }; }
 stamp() { echo "== $1 ($(( $(date +%s) - T0 )) s)"; }
 quiet() { grep -v -e '^\[transformers\]' -e 'should be kept in float32' -e 'FutureWarning' "$@"; }
 
 if [ -n "${TINY:-}" ]; then
   TESTS_LIMIT=300 PIPE="--tiny"; SERVER="--concurrency 2 --requests 4 --warmup-requests 2"; RANDOM_SDXL=tiny
-  SIZE_A=32; SIZE_B=16; VAE="--tiny"; TRAIN="--tiny"
+  SIZE_A=32; SIZE_B=16; VAE="--tiny"; TRAIN="--tiny"; TRAIN3="--tiny --sizes 64 --batches 2 --max-batch 3"
+  FROM="--tiny"
 else
   TESTS_LIMIT=${TESTS_LIMIT:-55}
   PIPE="--budget-s ${PIPE_BUDGET:-100} --runs 5 --sizes 1024,512 --steps 1,4 --batches 1,8"
   SERVER="--concurrency 16 --per-client 3 --max-batch 8 --buckets 1,2,4,8 --warmup-requests 16"; RANDOM_SDXL=full
   SIZE_A=1024; SIZE_B=512; VAE="--budget-s ${VAE_BUDGET:-65}"; TRAIN="--budget-s ${TRAIN_BUDGET:-75}"
+  TRAIN3="--sizes 1024 --batches 5 --max-batch 12 --budget-s ${TRAIN_BUDGET:-105}"; FROM=""
 fi
 
 stamp "gpu and versions"
@@ -85,5 +91,41 @@ stamp "SDXL stage-3 training iterations"
 timeout ${TRAIN_TIMEOUT:-95} python3 bench/train_sdxl.py $TRAIN --json "$OUT/train.json" --markdown "$OUT/train.md" \
   > "$OUT/train.log" 2>&1
 echo "train exit $?"; quiet "$OUT/train.log" | tail -n 16
+fi
+if part 3 && [ -z "${SKIP_TRAIN3:-}" ]; then
+stamp "SDXL stage-3 at ${SIZE_A}^2: the paper's micro-batch 5, then the largest that fits"
+timeout ${TRAIN_TIMEOUT:-125} python3 bench/train_sdxl.py $TRAIN3 --json "$OUT/train.json" --markdown "$OUT/train.md" \
+  > "$OUT/train.log" 2>&1
+echo "train exit $?"; quiet "$OUT/train.log" | tail -n 14
+
+fi
+if part 3 && [ -z "${SKIP_TESTS:-}" ]; then
+stamp "CUDA-only tests"
+timeout "$TESTS_LIMIT" python3 -m pytest -q -p no:cacheprovider -ra tests/test_engine_cuda.py \
+  tests/test_kernels_vae_fast.py > "$OUT/gpu_tests.txt" 2>&1
+echo "pytest exit $?"; tail -n 12 "$OUT/gpu_tests.txt"
+fi
+if part 3; then
+stamp "overlap determinism: engine runs off, off, on, on (graphs on, off; kernels off)"
+timeout ${OVERLAP_TIMEOUT:-90} python3 bench/overlap_determinism.py > "$OUT/overlap.log" 2>&1
+echo "overlap exit $?"; quiet "$OUT/overlap.log" | grep "^\[" | tail -n 20
+
+stamp "nitrofusion train --from --smoke at SDXL size (disk free: $(df -h --output=avail /tmp | tail -1))"
+rm -rf /tmp/from
+timeout ${FROM_TIMEOUT:-230} python3 bench/train_from_smoke.py $FROM --lean-disk --dir /tmp/from --json "$OUT/from.json" \
+  --markdown "$OUT/from.md" > "$OUT/from.log" 2>&1
+echo "from exit $?"; quiet "$OUT/from.log" | tr "\r" "\n" | grep -v -e "it/s" -e "s/it" | tail -n 16
+rm -rf /tmp/from
+
+stamp "random-weight SDXL folder for the server (saved once)"
+MODEL=/tmp/nitro-sdxl-$RANDOM_SDXL
+timeout 60 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); from server_load import save_random_sdxl; save_random_sdxl(Path('$MODEL'), '$RANDOM_SDXL')" \
+  > "$OUT/model.log" 2>&1 || { echo "saving the model failed"; tail -n 5 "$OUT/model.log"; }
+stamp "server load ${SIZE_B}^2: engine, one at a time, engine without decode overlap"
+timeout ${SERVER_TIMEOUT_B:-115} python3 bench/server_load.py $SERVER --model $MODEL --size $SIZE_B --format jpeg \
+  --warmup-sizes ${SIZE_B}x${SIZE_B} --modes "step-level engine,one at a time,engine without overlap" \
+  --write "$OUT/server.md" > "$OUT/server_b.log" 2>&1
+echo "server exit $?"; quiet "$OUT/server_b.log" | tail -n 8
+pkill -f "cli.main serve" 2>/dev/null; pkill -f "nitrofusion serve" 2>/dev/null
 fi
 stamp "done"

@@ -229,12 +229,17 @@ def test_benchmark_search_finds_the_largest_batch_that_fits_and_survives_out_of_
 
 @pytest.mark.slow  # a whole --smoke run in a process (~12 s)
 def test_from_smoke_benchmark_runs_tiny_on_the_cpu(tmp_path):
-    """bench/train_from_smoke.py --tiny: every stage of `train --from --smoke` and one image from the export."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_from_smoke.py"), "--tiny", "--dir",
-                           str(tmp_path / "run"), "--json", str(tmp_path / "r.json"), "--markdown",
+    """bench/train_from_smoke.py --tiny --lean-disk: every stage of `train --from --smoke` and one image from the
+    export; init's checkpoint sized and then deleted, stage 3's never written (as on the GPU's 64 GiB disk)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_from_smoke.py"), "--tiny", "--lean-disk",
+                           "--dir", str(tmp_path / "run"), "--json", str(tmp_path / "r.json"), "--markdown",
                            str(tmp_path / "r.md")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "r.json").read_text())
     assert list(result["stages"]) == ["cache", "init", "nitro", "export", "generate"] and result["image_size"] == 32
     assert result["stages"]["generate"]["shape"] == [32, 32, 3]
     assert "| nitro |" in (tmp_path / "r.md").read_text()
+    assert "checkpoint_gb" in result["stages"]["init"] and "checkpoint_gb" not in result["stages"]["nitro"]
+    assert not (tmp_path / "run" / "work" / "init" / "checkpoint").exists()
+    assert not (tmp_path / "run" / "work" / "nitro" / "checkpoint").exists()
+    assert (tmp_path / "run" / "work" / "nitro" / "DONE").is_file()
