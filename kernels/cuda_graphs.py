@@ -72,9 +72,11 @@ class CudaGraphCapturer:
 
     The own stream matters for graphs that replay at the same time (the decoder's on the decode stream, the
     UNet's on the main one): cuBLAS keeps one workspace per (handle, stream), and a graph bakes in the
-    workspace of the stream it was captured on. On torch's shared default capture stream every graph got the
-    same workspace, and overlapped replays raced on it (H200, 2026-11-30: decode overlap changed 489 pixels of
-    one image in ten by 1/255 with graphs on, nothing with graphs off; bench/overlap_determinism.py)."""
+    workspace of the stream it was captured on (pytorch/pytorch#193402: graphs captured on one stream share it
+    even with separate pools). On torch's shared default capture stream every graph got the same workspace, so
+    overlapped replays could race on it: the likely cause of what an H200 showed on 2026-11-30 with torch 2.11
+    (decode overlap changed 489 pixels of one image in ten by 1/255 with graphs on, nothing with graphs off;
+    bench/overlap_determinism.py). Not yet rerun on a GPU with this change."""
 
     device_type = "cuda"
 
