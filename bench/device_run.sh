@@ -33,6 +33,28 @@ PART=${PART:-all}
 part() { [ "$PART" = "$1" ] || { [ "$PART" = all ] && [ "$1" != 3 ]; }; }
 stamp() { echo "== $1 ($(( $(date +%s) - T0 )) s)"; }
 quiet() { grep -v -e '^\[transformers\]' -e 'should be kept in float32' -e 'FutureWarning' "$@"; }
+# Steps that more than one PART runs.
+gpu_tests() {
+  stamp "CUDA-only tests"
+  timeout "$TESTS_LIMIT" python3 -m pytest -q -p no:cacheprovider -ra tests/test_engine_cuda.py \
+    tests/test_kernels_vae_fast.py > "$OUT/gpu_tests.txt" 2>&1
+  echo "pytest exit $?"; tail -n 12 "$OUT/gpu_tests.txt"
+}
+server_model() {  # sets MODEL: the random-weight SDXL folder the servers load
+  stamp "random-weight SDXL folder for the servers (saved once)"
+  MODEL=/tmp/nitro-sdxl-$RANDOM_SDXL
+  timeout 60 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); from server_load import save_random_sdxl; save_random_sdxl(Path('$MODEL'), '$RANDOM_SDXL')" \
+    > "$OUT/model.log" 2>&1 || { echo "saving the model failed"; tail -n 5 "$OUT/model.log"; }
+}
+kill_servers() { pkill -f "cli.main serve" 2>/dev/null; pkill -f "nitrofusion serve" 2>/dev/null; }  # a timeout's leftovers
+server_small() {
+  stamp "server load ${SIZE_B}^2: engine, one at a time, engine without decode overlap"
+  timeout ${SERVER_TIMEOUT_B:-115} python3 bench/server_load.py $SERVER --model "$MODEL" --size $SIZE_B --format jpeg \
+    --warmup-sizes ${SIZE_B}x${SIZE_B} --modes "step-level engine,one at a time,engine without overlap" \
+    --write "$OUT/server.md" > "$OUT/server_b.log" 2>&1
+  echo "server exit $?"; quiet "$OUT/server_b.log" | tail -n 8
+  kill_servers
+}
 
 if [ -n "${TINY:-}" ]; then
   TESTS_LIMIT=300 PIPE="--tiny"; SERVER="--concurrency 2 --requests 4 --warmup-requests 2"; RANDOM_SDXL=tiny
@@ -51,34 +73,22 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 python3 -c "import torch, triton, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
 
 if part 1; then
-stamp "CUDA-only tests"
-timeout "$TESTS_LIMIT" python3 -m pytest -q -p no:cacheprovider -ra tests/test_engine_cuda.py \
-  tests/test_kernels_vae_fast.py > "$OUT/gpu_tests.txt" 2>&1
-echo "pytest exit $?"; tail -n 12 "$OUT/gpu_tests.txt"
+gpu_tests
 
 stamp "pipeline benchmark"
 timeout ${PIPE_TIMEOUT:-140} python3 bench/gpu_pipeline.py $PIPE --systems ours,ours-fast,diffusers,ours-host,ours-notext,ours-vaeopt,diffusers-compile \
   --compile-cases 1024:1:1 --markdown "$OUT/pipeline.md" --json "$OUT/pipeline.json" > "$OUT/pipeline.log" 2>&1
 echo "pipeline exit $?"; quiet "$OUT/pipeline.log" | grep -v "^\[" | tail -n 40
 
-stamp "random-weight SDXL folder for the servers (saved once)"
-MODEL=/tmp/nitro-sdxl-$RANDOM_SDXL
-timeout 60 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); from server_load import save_random_sdxl; save_random_sdxl(Path('$MODEL'), '$RANDOM_SDXL')" \
-  > "$OUT/model.log" 2>&1 || { echo "saving the model failed"; tail -n 5 "$OUT/model.log"; }
-SERVER="$SERVER --model $MODEL"
+server_model
 
 stamp "server load ${SIZE_A}^2: engine vs one at a time"
-timeout ${SERVER_TIMEOUT_A:-100} python3 bench/server_load.py $SERVER --size $SIZE_A --format jpeg \
+timeout ${SERVER_TIMEOUT_A:-100} python3 bench/server_load.py $SERVER --model "$MODEL" --size $SIZE_A --format jpeg \
   --modes "step-level engine,one at a time" --write "$OUT/server.md" > "$OUT/server_a.log" 2>&1
 echo "server exit $?"; quiet "$OUT/server_a.log" | tail -n 6
-pkill -f "cli.main serve" 2>/dev/null; pkill -f "nitrofusion serve" 2>/dev/null  # servers a timeout left behind
+kill_servers
 
-stamp "server load ${SIZE_B}^2: engine, one at a time, engine without decode overlap"
-timeout ${SERVER_TIMEOUT_B:-115} python3 bench/server_load.py $SERVER --size $SIZE_B --format jpeg \
-  --warmup-sizes ${SIZE_B}x${SIZE_B} --modes "step-level engine,one at a time,engine without overlap" \
-  --write "$OUT/server.md" > "$OUT/server_b.log" 2>&1
-echo "server exit $?"; quiet "$OUT/server_b.log" | tail -n 8
-pkill -f "cli.main serve" 2>/dev/null; pkill -f "nitrofusion serve" 2>/dev/null
+server_small
 fi
 
 if part 2; then
@@ -97,13 +107,9 @@ stamp "SDXL stage-3 at ${SIZE_A}^2: the paper's micro-batch 5, then the largest 
 timeout ${TRAIN_TIMEOUT:-125} python3 bench/train_sdxl.py $TRAIN3 --json "$OUT/train.json" --markdown "$OUT/train.md" \
   > "$OUT/train.log" 2>&1
 echo "train exit $?"; quiet "$OUT/train.log" | tail -n 14
-
 fi
 if part 3 && [ -z "${SKIP_TESTS:-}" ]; then
-stamp "CUDA-only tests"
-timeout "$TESTS_LIMIT" python3 -m pytest -q -p no:cacheprovider -ra tests/test_engine_cuda.py \
-  tests/test_kernels_vae_fast.py > "$OUT/gpu_tests.txt" 2>&1
-echo "pytest exit $?"; tail -n 12 "$OUT/gpu_tests.txt"
+gpu_tests
 fi
 if part 3; then
 stamp "overlap determinism: engine runs off, off, on, on (graphs on, off; kernels off)"
@@ -117,15 +123,7 @@ timeout ${FROM_TIMEOUT:-230} python3 bench/train_from_smoke.py $FROM --lean-disk
 echo "from exit $?"; quiet "$OUT/from.log" | tr "\r" "\n" | grep -v -e "it/s" -e "s/it" | tail -n 16
 rm -rf /tmp/from
 
-stamp "random-weight SDXL folder for the server (saved once)"
-MODEL=/tmp/nitro-sdxl-$RANDOM_SDXL
-timeout 60 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); from server_load import save_random_sdxl; save_random_sdxl(Path('$MODEL'), '$RANDOM_SDXL')" \
-  > "$OUT/model.log" 2>&1 || { echo "saving the model failed"; tail -n 5 "$OUT/model.log"; }
-stamp "server load ${SIZE_B}^2: engine, one at a time, engine without decode overlap"
-timeout ${SERVER_TIMEOUT_B:-115} python3 bench/server_load.py $SERVER --model $MODEL --size $SIZE_B --format jpeg \
-  --warmup-sizes ${SIZE_B}x${SIZE_B} --modes "step-level engine,one at a time,engine without overlap" \
-  --write "$OUT/server.md" > "$OUT/server_b.log" 2>&1
-echo "server exit $?"; quiet "$OUT/server_b.log" | tail -n 8
-pkill -f "cli.main serve" 2>/dev/null; pkill -f "nitrofusion serve" 2>/dev/null
+server_model
+server_small
 fi
 stamp "done"
