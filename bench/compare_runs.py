@@ -1,7 +1,8 @@
 """Compare stage-3 variants that `nitrofusion eval` scored on the same prompts and seeds: each row's alignment
 and shapes-FID with its 95% interval, and each variant's alignment minus the reference's with the paired 95%
 interval (trainer/eval_stats.py: resampling the same images for both, so a gain smaller than the rows' own
-intervals can still be told apart from noise). Reads each work folder's eval/<row>.json; run
+intervals can still be told apart from noise), and the same for shapes-FID where the eval kept per-image features
+(eval/<row>.feats.npy, eval/reference_<split>.feats.npy). Reads each work folder's eval/<row>.json; run
 `nitrofusion eval --work W --model W/model --no-ablations --images N` on each first.
 
     python bench/compare_runs.py --ref control=/work/runs/ctrl --run mismatch=/work/runs/mm --run plain=/work/runs/p
@@ -21,12 +22,32 @@ ROWS = ("one-step init", "NitroFusion 1 step", "NitroFusion 2 steps", "NitroFusi
 
 
 def load_rows(work: Path) -> dict[str, dict]:
-    """Row name -> cached result (with its `images` count and per-image `hits` when the eval kept them)."""
+    """Row name -> cached result (with its `images` count and per-image `hits` when the eval kept them, and
+    `features` / `reference` arrays when it kept those)."""
+    import numpy as np
+
     out = {}
     for f in sorted((work / "eval").glob("*.json")):
         d = json.loads(f.read_text())
-        out[d["key"]["row"]["name"]] = d["result"]
+        r = d["result"]
+        feats, ref = f.with_suffix(".feats.npy"), work / "eval" / f"reference_{d['key']['row'].get('split')}.feats.npy"
+        if feats.is_file() and ref.is_file():
+            r["features"], r["reference"] = np.load(feats), np.load(ref)
+        out[d["key"]["row"]["name"]] = r
     return out
+
+
+def fid_difference(r: dict, base: dict) -> str:
+    """r's FID minus base's with the paired interval, when both kept features against the same reference."""
+    import numpy as np
+
+    from trainer.eval_stats import paired_fid_difference_ci
+
+    a, b = r.get("features"), base.get("features")
+    if a is None or b is None or a.shape != b.shape or not np.array_equal(r["reference"], base["reference"]):
+        return ""
+    lo, hi = paired_fid_difference_ci(a, b, r["reference"])
+    return f"{r['fid'] - base['fid']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
 
 
 def named(items: list[str]) -> list[tuple[str, Path]]:
@@ -43,20 +64,23 @@ def table(ref: tuple[str, Path], runs: list[tuple[str, Path]]) -> list[str]:
     from trainer.eval_stats import cell, paired_difference_ci
 
     ref_rows = load_rows(ref[1])
-    lines = [f"| variant | row | alignment | vs {ref[0]} (paired) | shapes-FID |", "|---|---|---|---|---|"]
+    lines = [f"| variant | row | alignment | vs {ref[0]} (paired) | shapes-FID | vs {ref[0]} (paired) |",
+             "|---|---|---|---|---|---|"]
     for name, work in [ref, *runs]:
         rows = load_rows(work)
         for row in ROWS:
             r = rows.get(row)
             if r is None:
                 continue
-            diff = ""
+            diff, fdiff = "", ""
             base = ref_rows.get(row)
+            if name != ref[0] and base:
+                fdiff = fid_difference(r, base)
             if name != ref[0] and base and r.get("hits") and base.get("hits") and len(r["hits"]) == len(base["hits"]):
                 lo, hi = paired_difference_ci(r["hits"], base["hits"])
                 diff = f"{(r['alignment'] - base['alignment']) * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
             lines.append(f"| {name} | {row} | {cell(r['alignment'], r.get('alignment_ci'), 100, unit='%')} | {diff} "
-                         f"| {cell(r['fid'], r.get('fid_ci'), fmt='.2f')} |")
+                         f"| {cell(r['fid'], r.get('fid_ci'), fmt='.2f')} | {fdiff} |")
     return lines
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from trainer.eval_stats import cell, fid_ci, paired_difference_ci, proportion_ci
+from trainer.eval_stats import cell, fid_ci, paired_difference_ci, paired_fid_difference_ci, proportion_ci
 from trainer.features import frechet_distance
 
 from .helpers import load_script
@@ -70,6 +70,27 @@ def test_paired_difference_is_tighter_than_the_rows_own_intervals_and_sees_a_sma
         paired_difference_ci(a, b[:10])
 
 
+def test_paired_fid_difference_sees_a_small_shift_that_the_rows_own_intervals_do_not():
+    """Two rows of the same 600 images (row i of each from one prompt and seed: here one shared per-image draw),
+    the second moved by a small known offset. Their own FID intervals overlap; the paired interval of the
+    difference excludes 0 and holds the full sets' difference. Identical rows give exactly 0."""
+    rng = np.random.default_rng(5)
+    mix = rng.normal(size=(8, 8)) / 3
+    real = rng.normal(size=(3000, 8)) @ mix
+    shared = rng.normal(size=(600, 8)) @ mix + 0.3  # what both rows get from their prompts and seeds
+    a = shared + rng.normal(size=(600, 8)) * 0.05
+    b = shared + 0.03 + rng.normal(size=(600, 8)) * 0.05  # further from the reference: a larger FID
+    fa, fb = frechet_distance(a, real), frechet_distance(b, real)
+    lo_a, hi_a = fid_ci(a, real, resamples=300)
+    lo_b, hi_b = fid_ci(b, real, resamples=300)
+    assert fb > fa and lo_b < hi_a  # the rows' own intervals overlap
+    lo, hi = paired_fid_difference_ci(b, a, real, resamples=300)
+    assert 0 < lo <= fb - fa <= hi, (lo, fb - fa, hi)
+    assert paired_fid_difference_ci(a, a, real, resamples=50) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same images"):
+        paired_fid_difference_ci(a, b[:10], real)
+
+
 def test_target_lines_say_met_only_beyond_the_interval():
     """EVAL.md's targets: 4 steps vs 1 step and the full method vs the control, from the rows' per-image hits."""
     from trainer.evaluate import CONTROL_1, Result, Row, target_lines
@@ -94,6 +115,18 @@ def test_target_lines_say_met_only_beyond_the_interval():
     rows[CONTROL_1] = result(CONTROL_1, better, 46.0)  # the same images: no gain, FID intervals overlap
     control = next(line for line in target_lines(rows, teacher) if "control, 1 step" in line)
     assert control.endswith("(not met)") and "+0.0 points [+0.0, +0.0]" in control
+    # With per-image features the FID verdict is paired: the same images a little further from the reference in
+    # the control are a gain beyond the interval though the rows' own intervals (+-5 here) overlap.
+    feats_rng = np.random.default_rng(7)
+    reference = feats_rng.normal(size=(1000, 4))
+    mine = feats_rng.normal(size=(400, 4)) + 0.2
+    rows["NitroFusion 1 step"].features, rows["NitroFusion 1 step"].reference = mine, reference
+    rows[CONTROL_1].features, rows[CONTROL_1].reference = mine + 0.1, reference
+    control = next(line for line in target_lines(rows, teacher) if "control, 1 step" in line)
+    assert control.endswith("(met)") and "(paired) (met)" in control, control
+    rows[CONTROL_1].features = mine.copy()  # the same features: no FID gain either
+    control = next(line for line in target_lines(rows, teacher) if "control, 1 step" in line)
+    assert control.endswith("(not met)") and "[+0.00, +0.00] (paired)" in control, control
 
 
 def test_compare_runs_pairs_each_variant_with_the_reference_row_by_row(tmp_path):

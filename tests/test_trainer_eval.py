@@ -117,6 +117,11 @@ def test_eval_cli_writes_report_grids_and_curves_and_student_rows_match_generate
     # dataset, 6 main rows, the ablation reference, the ablations, each control at 1 and 4 steps
     assert compare.height == 34 * 2 * (1 + 6 + 1 + len(ABLATIONS) + 2 * len(CONTROLS))
     assert Image.open(tmp_path / "eval" / "loss_curves.png").size[0] > 800
+    # Per-image features are kept beside each row's cache, and the targets compare FID paired on them.
+    assert np.load(root / "work" / "eval" / "nitrofusion_1_step.feats.npy").shape == (8, 128)
+    assert np.load(root / "work" / "eval" / "reference_train.feats.npy").shape == (8, 128)
+    control_line = next(line for line in text.splitlines() if "control, 1 step, better" in line)
+    assert re.search(r"FID \*\*.*\*\*, [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\] \(paired\) \((not )?met\)$", control_line), control_line
     # Each ablation trained its own stage-3 run with its switch set.
     for name in [*ABLATIONS, *CONTROLS]:
         saved = json.loads((root / "work" / "ablations" / slug(name) / "train_config.json").read_text())
@@ -137,6 +142,7 @@ def test_eval_cli_writes_report_grids_and_curves_and_student_rows_match_generate
     again = run_cli("eval", "--work", str(root / "work"), "--model", str(model), "--images", "8", "--out",
                     str(out), timeout=600)
     assert again.returncode == 0 and "cached" in again.stdout + again.stderr
+    assert out.read_text() == text  # the same report from the cache: features and all
 
 
 def test_eval_cli_errors_are_one_line(tmp_path):

@@ -54,26 +54,53 @@ def _root(cov: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
+class _Reference:
+    """The fixed reference side of a Frechet distance, prepared once: its mean, covariance trace and the square root
+    of its covariance. The trace term then uses eigenvalues of Sr^1/2 Sg Sr^1/2 (equal to those of Sg^1/2 Sr Sg^1/2),
+    so each resample costs one covariance and one symmetric eigvalsh."""
+
+    def __init__(self, real: np.ndarray):
+        real = np.asarray(real, np.float64)
+        self.mu, s_r = real.mean(0), np.cov(real, rowvar=False)
+        self.root, self.trace = _root(s_r), np.trace(s_r)
+
+    def fid(self, gen: np.ndarray) -> float:
+        mu_g, s_g = gen.mean(0), np.cov(gen, rowvar=False)
+        cross = np.linalg.eigvalsh(self.root @ s_g @ self.root)
+        return float(((mu_g - self.mu) ** 2).sum() + np.trace(s_g) + self.trace - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+
+
 def fid_ci(gen: np.ndarray, real: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED,
            level: float = LEVEL) -> tuple[float, float]:
     """Bias-shifted percentile interval for features.frechet_distance(gen, real) under resampling of `gen`'s rows
-    (module docstring: why shifted). The trace term uses
-    the reference side's square root (eigenvalues of Sr^1/2 Sg Sr^1/2 equal those of Sg^1/2 Sr Sg^1/2), computed
-    once, so each resample costs one covariance and one symmetric eigvalsh."""
-    gen, real = np.asarray(gen, np.float64), np.asarray(real, np.float64)
-    mu_r, s_r = real.mean(0), np.cov(real, rowvar=False)
-    root_r, tr_r = _root(s_r), np.trace(s_r)
+    (module docstring: why shifted)."""
+    gen, ref = np.asarray(gen, np.float64), _Reference(real)
     rng = np.random.default_rng(seed)
-    out = np.empty(resamples)
     n = gen.shape[0]
-    mu_g, s_g = gen.mean(0), np.cov(gen, rowvar=False)
-    full = ((mu_g - mu_r) ** 2).sum() + np.trace(s_g) + tr_r - 2 * np.sqrt(
-        np.clip(np.linalg.eigvalsh(root_r @ s_g @ root_r), 0, None)).sum()
+    full = ref.fid(gen)
+    out = np.array([ref.fid(gen[rng.integers(0, n, size=n)]) for _ in range(resamples)])
+    return _bounds(out - (out.mean() - full), level)
+
+
+def paired_fid_difference_ci(gen_a: np.ndarray, gen_b: np.ndarray, real: np.ndarray, resamples: int = RESAMPLES,
+                             seed: int = SEED, level: float = LEVEL) -> tuple[float, float]:
+    """Interval for FID(a) - FID(b) against one reference, where row i of a and of b are images of the same prompt
+    and seed (two rows of `nitrofusion eval`): one resample draws image indices once for both, as
+    paired_difference_ci does for alignment, so what the rows share (the prompts drawn, a hard seed) cancels out.
+    Bias-shifted like fid_ci: the duplication bias of a resample is nearly the same on both sides, and what is
+    left is taken out. Far tighter than asking whether the rows' own FID intervals overlap, which is the right
+    question only for independent sets."""
+    a, b = np.asarray(gen_a, np.float64), np.asarray(gen_b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired rows need the same images: {a.shape} vs {b.shape}")
+    ref = _Reference(real)
+    rng = np.random.default_rng(seed)
+    n = a.shape[0]
+    full = ref.fid(a) - ref.fid(b)
+    out = np.empty(resamples)
     for i in range(resamples):
-        g = gen[rng.integers(0, n, size=n)]
-        mu_g, s_g = g.mean(0), np.cov(g, rowvar=False)
-        cross = np.linalg.eigvalsh(root_r @ s_g @ root_r)
-        out[i] = ((mu_g - mu_r) ** 2).sum() + np.trace(s_g) + tr_r - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
+        idx = rng.integers(0, n, size=n)
+        out[i] = ref.fid(a[idx]) - ref.fid(b[idx])
     return _bounds(out - (out.mean() - full), level)
 
 
@@ -85,4 +112,4 @@ def cell(value: float, ci, scale: float = 1.0, fmt: str = ".1f", unit: str = "")
     return f"{text} [{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
 
 
-__all__ = ["RESAMPLES", "cell", "fid_ci", "proportion_ci"]
+__all__ = ["RESAMPLES", "cell", "fid_ci", "paired_difference_ci", "paired_fid_difference_ci", "proportion_ci"]

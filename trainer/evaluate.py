@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 
 from .config import TrainConfig, apply_overrides
 from .detector import detect
-from .eval_stats import RESAMPLES, cell, fid_ci, paired_difference_ci, proportion_ci
+from .eval_stats import RESAMPLES, cell, fid_ci, paired_difference_ci, paired_fid_difference_ci, proportion_ci
 from .features import extract, frechet_distance, load_feature_net
 from .shapes import Attributes, ShapesDataset, prompt
 
@@ -74,6 +74,14 @@ class Result:
     alignment_ci: tuple[float, float] | None = None
     fid_ci: tuple[float, float] | None = None
     hits: list[bool] | None = None  # per image: all attributes right (for paired comparisons); None in old caches
+    # Per image: the 128-d shapes-FID features, and the reference side's, for paired FID comparisons. Kept beside
+    # the JSON cache as eval/<row>.feats.npy (not in it); None in old caches.
+    features: np.ndarray | None = field(default=None, repr=False, compare=False)
+    reference: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def record(self) -> dict:
+        """What the JSON cache keeps: everything but the feature arrays."""
+        return {k: v for k, v in asdict(self).items() if k not in ("features", "reference")}
 
 
 def default_rows(cfg: TrainConfig, work: Path, ablations: bool) -> list[Row]:
@@ -177,7 +185,7 @@ def score(row: Row, images: np.ndarray, attrs: list[Attributes], net, real_feats
     feats = extract(net, images)
     return Result(row, len(images), float(hits["all"].sum() / n), {k: float(hits[k].sum() / n) for k in ATTRS},
                   frechet_distance(feats, real_feats), seconds, proportion_ci(hits["all"]),
-                  fid_ci(feats, real_feats), [bool(h) for h in hits["all"]])
+                  fid_ci(feats, real_feats), [bool(h) for h in hits["all"]], feats, real_feats)
 
 
 def train_ablations(cfg: TrainConfig, work: Path, log=print, names: list[str] | None = None) -> None:
@@ -229,6 +237,8 @@ def evaluate(cfg: TrainConfig, work: Path, model_dir: Path, n: int, ablations: b
         if row.split not in sets:
             sets[row.split] = eval_set(cfg, row.split, n)
             real_feats[row.split] = extract(net, real_images(cfg, row.split, n))
+            # for bench/compare_runs.py's paired FID differences between work folders
+            np.save(cache_dir / f"reference_{row.split}.feats.npy", real_feats[row.split].astype(np.float32))
         prompts, attrs, noise = sets[row.split]
         key = {"row": asdict(row), "images": n, "unet_mtime": (work / row.unet).stat().st_mtime,
                "bootstrap": RESAMPLES}
@@ -237,7 +247,10 @@ def evaluate(cfg: TrainConfig, work: Path, model_dir: Path, n: int, ablations: b
         if cached.is_file() and grid_file.is_file() and json.loads(cached.read_text()).get("key") == key:
             r = json.loads(cached.read_text())["result"]
             fields = ("images", "alignment", "per_attribute", "fid", "seconds", "alignment_ci", "fid_ci")
-            results.append(Result(row=row, **{k: r[k] for k in fields}, hits=r.get("hits")))
+            feats_file = cache_dir / f"{row.slug}.feats.npy"
+            feats = np.load(feats_file) if feats_file.is_file() else None
+            results.append(Result(row=row, **{k: r[k] for k in fields}, hits=r.get("hits"), features=feats,
+                                  reference=real_feats[row.split] if feats is not None else None))
             grids[row.slug] = np.load(grid_file)
             log(f"[eval] {row.name}: cached")
             continue
@@ -245,7 +258,8 @@ def evaluate(cfg: TrainConfig, work: Path, model_dir: Path, n: int, ablations: b
         images = generate(row, cfg, work, Path(model_dir), frozen, prompts, noise)
         res = score(row, images, attrs, net, real_feats[row.split])
         res.seconds = round(time.monotonic() - t0, 1)
-        cached.write_text(json.dumps({"key": key, "result": asdict(res)}, indent=1) + "\n")
+        cached.write_text(json.dumps({"key": key, "result": res.record()}, indent=1) + "\n")
+        np.save(cache_dir / f"{row.slug}.feats.npy", res.features.astype(np.float32))
         np.save(grid_file, images[:32])
         grids[row.slug] = images[:32]
         results.append(res)
@@ -326,9 +340,22 @@ def _difference(a: Result, b: Result) -> str:
     return f"{d:+.1f} points [{lo * 100:+.1f}, {hi * 100:+.1f}] (paired)"
 
 
+def _fid_difference(a: Result, b: Result) -> tuple[str, tuple[float, float] | None]:
+    """a's FID minus b's with the paired 95% interval (trainer/eval_stats.paired_fid_difference_ci) when both rows
+    kept their per-image features against the same reference; else the plain difference and None."""
+    d = a.fid - b.fid
+    if a.features is None or b.features is None or a.reference is None or a.features.shape != b.features.shape:
+        return f"{d:+.2f}", None
+    ci = paired_fid_difference_ci(a.features, b.features, a.reference)
+    return f"{d:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}] (paired)", ci
+
+
 def target_lines(by_name: dict[str, Result], teacher: Result) -> list[str]:
     """Issue 15's targets, each with its measured value and whether it is met. "Beyond the interval": the paired
-    95% interval of the difference excludes 0 (alignment), or the two rows' FID intervals do not overlap."""
+    95% interval of the difference excludes 0, for alignment and (rows with per-image features) for FID, the same
+    images resampled for both rows as they share prompts and seeds. Rows without features (old caches) fall back
+    to "the two rows' own FID intervals do not overlap", which is far stricter than a 95% test of the difference
+    (before 2026-12-01 EVAL.md judged FID only that way)."""
     one, four = by_name["NitroFusion 1 step"], by_name.get("NitroFusion 4 steps")
     init, held = by_name.get("one-step init"), by_name.get("held-out: NitroFusion 1 step")
     out = [f"- 1-step alignment >= 95%: **{one.alignment * 100:.1f}%** ({_met(one.alignment >= 0.95)})"]
@@ -341,8 +368,8 @@ def target_lines(by_name: dict[str, Result], teacher: Result) -> list[str]:
     out.append(f"- 1-step FID within 1.25x of the teacher: **{one.fid:.2f} vs {teacher.fid:.2f} = "
                f"{one.fid / teacher.fid:.2f}x** ({_met(one.fid <= 1.25 * teacher.fid)})")
     if init:
-        out.append(f"- 1-step FID better than the one-step init: **{one.fid:.2f} vs {init.fid:.2f}** "
-                   f"({_met(one.fid < init.fid)})")
+        out.append(f"- 1-step FID better than the one-step init: **{one.fid:.2f} vs {init.fid:.2f}**, "
+                   f"{_fid_difference(one, init)[0]} ({_met(one.fid < init.fid)})")
     for name, mine in ((CONTROL_1, one), (CONTROL_4, four)):
         control = by_name.get(name)
         if control is None or mine is None:
@@ -350,11 +377,16 @@ def target_lines(by_name: dict[str, Result], teacher: Result) -> list[str]:
         steps = name.rsplit(", ", 1)[1]
         beyond_align = control.hits is not None and mine.hits is not None and \
             paired_difference_ci(mine.hits, control.hits)[0] > 0
-        beyond_fid = mine.fid_ci is not None and control.fid_ci is not None and mine.fid_ci[1] < control.fid_ci[0]
+        fid_text, fid_paired = _fid_difference(mine, control)
+        if fid_paired is not None:
+            beyond_fid = fid_paired[1] < 0
+        else:
+            beyond_fid = mine.fid_ci is not None and control.fid_ci is not None and mine.fid_ci[1] < control.fid_ci[0]
         out.append(f"- full method vs the no-discriminator control, {steps}, better beyond the 95% interval: "
                    f"alignment **{mine.alignment * 100:.1f}% vs {control.alignment * 100:.1f}%**, "
                    f"{_difference(mine, control)}; FID **{cell(mine.fid, mine.fid_ci, fmt='.2f')} vs "
-                   f"{cell(control.fid, control.fid_ci, fmt='.2f')}** ({_met(beyond_align or beyond_fid)})")
+                   f"{cell(control.fid, control.fid_ci, fmt='.2f')}**, {fid_text} "
+                   f"({_met(beyond_align or beyond_fid)})")
     return out
 
 
@@ -380,6 +412,8 @@ def write_markdown(results: list[Result], path: Path, assets: Path, command: str
         ("- **[lo, hi]**: 95% percentile-bootstrap interval over images (1,000 resamples, fixed seed; "
         "`trainer/eval_stats.py`). Alignment resamples the row's images; FID resamples the generated images' "
         "features against the fixed reference set, so it covers the generated side's sampling noise only."),
+        ("- **Targets** compare two rows by the paired 95% interval of their difference: the same images (prompt and "
+        "seed) resampled for both rows, for alignment and for FID; \"beyond the interval\" means it excludes 0."),
         (f"- **one training run per row** (stage 3 seed {stage3_seed(cfg)}): the intervals cover the images, not "
         "run-to-run variation of training, which can be larger; docs/training.md compares seeds."),
         "",
