@@ -91,6 +91,28 @@ def test_paired_fid_difference_sees_a_small_shift_that_the_rows_own_intervals_do
         paired_fid_difference_ci(a, b[:10], real)
 
 
+def test_fid_bootstraps_run_blas_on_one_thread_and_restore_it(monkeypatch):
+    # Each resample's 128x128 products are too small for BLAS threads; on a busy machine they cost 3-15x
+    # (trainer/eval_stats._one_blas_thread). Seen from inside the resampling loop, BLAS has one thread.
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from trainer import eval_stats
+
+    def blas_threads():
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    seen, fid = [], eval_stats._Reference.fid
+    monkeypatch.setattr(eval_stats._Reference, "fid", lambda self, gen: (seen.append(blas_threads()), fid(self, gen))[1])
+    rng = np.random.default_rng(0)
+    a, b, real = (rng.normal(size=(60, 4)) for _ in range(3))
+    with threadpool_limits(limits=2, user_api="blas"):  # the caller's setting, whatever OMP_NUM_THREADS says
+        assert blas_threads() == {2}
+        fid_ci(a, real, resamples=5)
+        paired_fid_difference_ci(a, b, real, resamples=5)
+        assert blas_threads() == {2}  # and it is back afterwards
+    assert seen and all(s == {1} for s in seen), seen[:3]
+
+
 def test_target_lines_say_met_only_beyond_the_interval():
     """EVAL.md's targets: 4 steps vs 1 step and the full method vs the control, from the rows' per-image hits."""
     from trainer.evaluate import CONTROL_1, Result, Row, target_lines

@@ -13,7 +13,10 @@ the same kind of features at 400 images it was 1.6x the 95% spread of the FID ov
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 RESAMPLES = 1000
 SEED = 0
@@ -49,6 +52,20 @@ def paired_difference_ci(hits_a, hits_b, resamples: int = RESAMPLES, seed: int =
     return proportion_ci(a - b, resamples, seed, level)  # the same image resampling, of per-image differences
 
 
+def _one_blas_thread(bootstrap):
+    """Run a FID bootstrap with BLAS on one thread. Its 128x128 products are too small for threads to pay, and on
+    a busy machine (training beside the eval) OpenBLAS's spinning threads fight the other processes: measured on
+    this 2-core CPU with two trainings running, 1,000 paired resamples took 16 s on one thread and 244 s on
+    OpenBLAS's default (niced, as a background `bench/compare_runs.py` is), 2.7x unniced."""
+
+    @functools.wraps(bootstrap)
+    def wrapped(*args, **kwargs):
+        with threadpool_limits(limits=1, user_api="blas"):
+            return bootstrap(*args, **kwargs)
+
+    return wrapped
+
+
 def _root(cov: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh(cov)
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
@@ -70,6 +87,7 @@ class _Reference:
         return float(((mu_g - self.mu) ** 2).sum() + np.trace(s_g) + self.trace - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
 
 
+@_one_blas_thread
 def fid_ci(gen: np.ndarray, real: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED,
            level: float = LEVEL) -> tuple[float, float]:
     """Bias-shifted percentile interval for features.frechet_distance(gen, real) under resampling of `gen`'s rows
@@ -82,6 +100,7 @@ def fid_ci(gen: np.ndarray, real: np.ndarray, resamples: int = RESAMPLES, seed: 
     return _bounds(out - (out.mean() - full), level)
 
 
+@_one_blas_thread
 def paired_fid_difference_ci(gen_a: np.ndarray, gen_b: np.ndarray, real: np.ndarray, resamples: int = RESAMPLES,
                              seed: int = SEED, level: float = LEVEL) -> tuple[float, float]:
     """Interval for FID(a) - FID(b) against one reference, where row i of a and of b are images of the same prompt
