@@ -292,6 +292,25 @@ def test_smoke_preset_and_set_after_it(tmp_path):
     assert work.name == f"{BUNDLED_RECIPE}-smoke" and out == work / "model"
 
 
+def test_run_seed_over_a_recipe_that_pins_stage_3s_seed_says_so(capsys):
+    # shapes16 pins nitro.seed=1: --set run.seed=2 alone reran stage 3 into the identical model (round 7 lost two
+    # runs to it). The CLI says which seed stage 3 keeps, and is quiet when nitro.seed is set too or not pinned.
+    import argparse
+
+    from trainer.cli import add_arguments, resolve
+    from trainer.stage3 import stage3_seed
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg, _, _ = resolve(p.parse_args(["--recipe", "shapes16", "--set", "run.seed=2"]))
+    assert (cfg.run.seed, stage3_seed(cfg)) == (2, 1)
+    assert "stage 3 keeps nitro.seed=1" in capsys.readouterr().err
+    cfg, _, _ = resolve(p.parse_args(["--recipe", "shapes16", "--set", "run.seed=2", "--set", "nitro.seed=2"]))
+    assert stage3_seed(cfg) == 2 and capsys.readouterr().err == ""
+    cfg, _, _ = resolve(p.parse_args(["--recipe", "shapes", "--set", "run.seed=2"]))
+    assert stage3_seed(cfg) == 2 and capsys.readouterr().err == ""
+
+
 def test_teacher_solvers_agree_and_lcm_is_the_students_sampler():
     """25-step DPM-Solver++, Euler and DDIM land on about the same x0 (the same ODE); solver=lcm on a distilled
     teacher's timesteps [999, 749, 499, 249] is exactly nitrofusion's LCM sampler with no shift."""

@@ -66,6 +66,7 @@ def resolve(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path]:
     if args.smoke:
         cfg = smoke(cfg)  # before --set, so an override still wins
     cfg = apply_overrides(cfg, overrides)
+    _note_pinned_stage3_seed(cfg, overrides)
     src = cfg.source
     if src.model and not src.prompts:
         raise ValueError("--from needs --prompts FILE (one prompt a line) or a folder of image + caption pairs")
@@ -78,6 +79,15 @@ def resolve(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path]:
     bundled = cfg.recipe == BUNDLED_RECIPE and not src.model and not args.smoke
     default_out = REPO / "models" / "default" if bundled else work / "model"
     return cfg, work, Path(args.out) if args.out else default_out
+
+
+def _note_pinned_stage3_seed(cfg: TrainConfig, overrides: list[str]) -> None:
+    """A recipe may pin stage 3's seed (shapes16: nitro.seed=1, the run its model came from); then --set run.seed
+    reseeds every stage but stage 3, and a rerun of stage 3 alone is bit for bit the same model. Say so, once."""
+    keys = {o.partition("=")[0].strip() for o in overrides}
+    if "run.seed" in keys and "nitro.seed" not in keys and cfg.nitro.seed is not None:
+        print(f"train: note: stage 3 keeps nitro.seed={cfg.nitro.seed} (the recipe pins it); run.seed={cfg.run.seed} "
+              f"seeds the other stages. --set nitro.seed={cfg.run.seed} reseeds stage 3 too.", file=sys.stderr)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
