@@ -65,8 +65,7 @@ def resolve(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path]:
             setattr(cfg.source, key, _path(value))
     if args.smoke:
         cfg = smoke(cfg)  # before --set, so an override still wins
-    cfg = apply_overrides(cfg, overrides)
-    _note_pinned_stage3_seed(cfg, overrides)
+    cfg = _note_pinned_stage3_seed(cfg, apply_overrides(cfg, overrides))
     src = cfg.source
     if src.model and not src.prompts:
         raise ValueError("--from needs --prompts FILE (one prompt a line) or a folder of image + caption pairs")
@@ -81,13 +80,13 @@ def resolve(args: argparse.Namespace) -> tuple[TrainConfig, Path, Path]:
     return cfg, work, Path(args.out) if args.out else default_out
 
 
-def _note_pinned_stage3_seed(cfg: TrainConfig, overrides: list[str]) -> None:
+def _note_pinned_stage3_seed(before: TrainConfig, cfg: TrainConfig) -> TrainConfig:
     """A recipe may pin stage 3's seed (shapes16: nitro.seed=1, the run its model came from); then --set run.seed
     reseeds every stage but stage 3, and a rerun of stage 3 alone is bit for bit the same model. Say so, once."""
-    keys = {o.partition("=")[0].strip() for o in overrides}
-    if "run.seed" in keys and "nitro.seed" not in keys and cfg.nitro.seed is not None:
+    if cfg.run.seed != before.run.seed and cfg.nitro.seed is not None and cfg.nitro.seed == before.nitro.seed:
         print(f"train: note: stage 3 keeps nitro.seed={cfg.nitro.seed} (the recipe pins it); run.seed={cfg.run.seed} "
               f"seeds the other stages. --set nitro.seed={cfg.run.seed} reseeds stage 3 too.", file=sys.stderr)
+    return cfg
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -13,8 +13,6 @@ the same kind of features at 400 images it was 1.6x the 95% spread of the FID ov
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 from threadpoolctl import threadpool_limits
 
@@ -52,18 +50,11 @@ def paired_difference_ci(hits_a, hits_b, resamples: int = RESAMPLES, seed: int =
     return proportion_ci(a - b, resamples, seed, level)  # the same image resampling, of per-image differences
 
 
-def _one_blas_thread(bootstrap):
-    """Run a FID bootstrap with BLAS on one thread. Its 128x128 products are too small for threads to pay, and on
-    a busy machine (training beside the eval) OpenBLAS's spinning threads fight the other processes: measured on
-    this 2-core CPU with two trainings running, 1,000 paired resamples took 16 s on one thread and 244 s on
-    OpenBLAS's default (niced, as a background `bench/compare_runs.py` is), 2.7x unniced."""
-
-    @functools.wraps(bootstrap)
-    def wrapped(*args, **kwargs):
-        with threadpool_limits(limits=1, user_api="blas"):
-            return bootstrap(*args, **kwargs)
-
-    return wrapped
+# FID bootstraps run BLAS on one thread. Their 128x128 products are too small for threads to pay, and on a busy
+# machine (training beside the eval) OpenBLAS's spinning threads fight the other processes: measured on this 2-core
+# CPU with two trainings running, 1,000 paired resamples took 16 s on one thread and 244 s on OpenBLAS's default
+# (niced, as a background `bench/compare_runs.py` is), 2.7x unniced.
+_one_blas_thread = threadpool_limits.wrap(limits=1, user_api="blas")
 
 
 def _root(cov: np.ndarray) -> np.ndarray:
