@@ -402,6 +402,24 @@ def test_adv_min_steps_keeps_the_heads_off_one_step_iterations(tiny_run, tmp_pat
         apply_overrides(recipe("tiny"), ["nitro.adv_min_steps=2", "nitro.reg_weight=0"])
 
 
+def test_reg_weight_end_fades_the_l2_anchor_linearly_over_stage_3(tiny_run, tmp_path):
+    """nitro.reg_weight_end: the L2 weight runs linearly from reg_weight (first iteration) to it (last). A fade to
+    reg_weight itself trains the same student, bit for bit, as no fade; a fade to 0 trains another."""
+    c = apply_overrides(recipe("shapes16"), ["nitro.reg_weight_end=1"]).nitro
+    n = sum(c.phase_steps)
+    assert [c.reg_weight_at(i) for i in (0, n - 1)] == [10.0, 1.0]
+    assert c.reg_weight_at((n - 1) // 2) == pytest.approx(5.5, abs=0.01) and c.reg_weight_at(n + 5) == 1.0
+    assert recipe("shapes16").nitro.reg_weight_at(n - 1) == 10.0  # default: no fade
+    students = _stage3_students(tiny_run, tmp_path, {"plain": [], "same": ["nitro.reg_weight_end=10"],
+                                                      "to0": ["nitro.reg_weight_end=0"]})
+    for k, v in students["plain"].items():
+        torch.testing.assert_close(students["same"][k], v, rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(students["to0"][k], v) for k, v in students["plain"].items())
+    for bad in (["nitro.reg_weight_end=-1"], ["nitro.reg_weight=0", "nitro.reg_weight_end=1"]):
+        with pytest.raises(ValueError, match="reg_weight_end"):
+            apply_overrides(recipe("tiny"), bad)
+
+
 def test_nitro_seed_reseeds_stage_3_alone(tiny_run, tmp_path):
     """nitro.seed=3 trains stage 3 exactly as run.seed=3 would (the same student, bit for bit) over the same earlier
     stages, and differently from run.seed=0: a recipe can name the stage-3 run behind its model."""

@@ -116,7 +116,7 @@ class NitroJob(StageJob):
         heads = nets.raw_pool.sample(t_star, shared)
         opt_d = nets.opt_d
         self.refreshed = nets.raw_pool.refresh(shared, opt_d.optimizer if hasattr(opt_d, "optimizer") else opt_d)
-        reg = c.reg_weight if steps == 1 or c.reg_multistep != "off" else 0.0
+        reg = c.reg_weight_at(stage.step) if steps == 1 or c.reg_multistep != "off" else 0.0
         adv = c.adv_weight if steps >= c.adv_min_steps else 0.0
         plan = Plan(t_star, heads, steps, reg, nets.raw_pool.tasks_of(heads), adv)
         # Fakes start from fresh noise, or (reg_weight > 0) from cached teacher noises, whose samples are targets.

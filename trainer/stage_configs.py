@@ -286,6 +286,11 @@ class NitroConfig:
     # but the 1-step student fell to FID 50.1 from 38.4, behind its init (this CPU, 2,000 images, 2026-11-26).
     # The issue's targets are at 1 step, so the default is off.
     reg_multistep: str = "off"
+    # None: the L2 weight stays reg_weight. A number: it falls linearly from reg_weight at the first iteration to
+    # this at the last (all phases), so the adversarial term gets the last word. Why: with dataset reals the heads
+    # pull toward dataset latents and the anchor toward the teacher's samples, which differ (docs/training.md,
+    # round 7); a fading anchor tests whether the heads do better once it lets go.
+    reg_weight_end: float | None = None
     snapshot_every: int = 0  # also save the student as unet_step<N>/ every N iterations (0: never); for sweeps
     # Student and (its gradient runs back through it) the frozen teacher encoder recompute activations in backward.
     gradient_checkpointing: bool = False
@@ -313,8 +318,17 @@ class NitroConfig:
         _check(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
                "nitro.seed must be a non-negative integer or null (null: run.seed)")
         _check(self.reg_multistep in ("off", "sample", "teacher"), "nitro.reg_multistep: off, sample or teacher")
+        _check(self.reg_weight_end is None or (self.reg_weight > 0 and 0 <= self.reg_weight_end),
+               "nitro.reg_weight_end must be >= 0 (or null), and needs nitro.reg_weight > 0 to fade from")
         _check(1 <= len(self.phase_steps) <= 4, "nitro.phase_steps: 1 to 4 entries (max steps 1..4)")
         self.optim.steps = sum(self.phase_steps)  # total iterations; the phases decide the step count
+
+    def reg_weight_at(self, iteration: int) -> float:
+        """The L2 weight at an iteration: reg_weight, or (reg_weight_end set) linear from it to reg_weight_end."""
+        if self.reg_weight_end is None:
+            return self.reg_weight
+        frac = min(iteration, self.optim.steps - 1) / max(1, self.optim.steps - 1)
+        return self.reg_weight + (self.reg_weight_end - self.reg_weight) * frac
 
     def max_steps_at(self, iteration: int) -> int:
         """Which bottom-up phase (1-4) an iteration belongs to."""
