@@ -21,6 +21,7 @@ from trainer.nitro_step import (
     NitroNets,
     Plan,
     discriminator_backward,
+    discriminator_step,
     draw_noises,
     generator_backward,
     student_x0,
@@ -243,3 +244,22 @@ def test_from_smoke_benchmark_runs_tiny_on_the_cpu(tmp_path):
     assert not (tmp_path / "run" / "work" / "init" / "checkpoint").exists()
     assert not (tmp_path / "run" / "work" / "nitro" / "checkpoint").exists()
     assert (tmp_path / "run" / "work" / "nitro" / "DONE").is_file()
+
+
+def test_discriminator_step_logs_what_the_heads_made_of_the_batch_before_training_on_it():
+    """With nitro.disc_steps > 1 the heads update several times on one batch; the logged loss and accuracy are the
+    first update's (rows the heads have not fitted), not the last's, which judged rows they had just trained on."""
+    nets, text, cfg = build("sd")
+    cfg.disc_steps = 4
+    plan, batch = make_batch(nets, text, cfg, 1)
+    fake = batch.target.clone()
+    before = {k: v.clone() for k, v in nets.pool.state_dict().items()}
+    fresh = discriminator_backward(nets, plan, batch, fake, cfg, len(batch))  # update 0's views, no step taken
+    nets.pool.zero_grad(set_to_none=True)
+    nets.opt_d = torch.optim.SGD(nets.pool.parameters(), lr=0.5)
+    logs = discriminator_step(nets, plan, batch, fake, cfg, len(batch))
+    assert logs == fresh
+    after = nets.pool.state_dict()
+    assert any(not torch.equal(v, after[k]) for k, v in before.items())  # the heads did train, four times
+    fitted = discriminator_backward(nets, plan, batch, fake, cfg, len(batch), 3)
+    assert fitted["loss_d"] < fresh["loss_d"]

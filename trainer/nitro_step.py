@@ -231,9 +231,14 @@ def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch, fake: torc
 
 def discriminator_step(nets: NitroNets, plan: Plan, batch: Batch, fake: torch.Tensor, c: NitroConfig,
                        micro: int) -> dict[str, float]:
-    """`c.disc_steps` updates of the sampled heads; logs the last one's loss and accuracy."""
+    """`c.disc_steps` updates of the sampled heads on this batch. Logs the first update's loss and accuracy: what the
+    heads make of rows they have not trained on. The last update's (logged until 2026-12-01) judged rows the heads
+    had just fitted disc_steps - 1 times: with 4 updates it read 0.6-0.8 where heads shown fresh latents sat near
+    chance (bench/head_probe.py; docs/training.md, round 8)."""
+    logs = None
     for update in range(c.disc_steps):
-        logs = discriminator_backward(nets, plan, batch, fake, c, micro, update)
+        step_logs = discriminator_backward(nets, plan, batch, fake, c, micro, update)
+        logs = logs or step_logs
         nets.opt_d.step()
         nets.opt_d.zero_grad(set_to_none=True)
     return logs
