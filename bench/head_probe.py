@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--student", action="append", default=[], metavar="NAME=UNET_DIR", help="another student to show")
+    p.add_argument("--linear", action="store_true",
+                   help="also fit a fresh logistic regression per (t*, encoder level) on the same features, pooled "
+                        "over space, dataset vs each source, on half the rows, and report its AUC on the other half")
     a = p.parse_args(argv)
 
     import torch
@@ -86,29 +89,109 @@ def main(argv=None) -> int:
         uncond = frozen.text([""])
 
         cols = [(t, task) for t in c.pool.timesteps for task in c.pool.tasks]
-        table = {name: {} for name in sets}
+        # per source, per (t*, task), per head: each image's share of real-saying map cells and its mean logit
+        said = {name: {k: {} for k in cols} for name in sets}
+        score = {name: {k: {} for k in cols} for name in sets}
         for t in c.pool.timesteps:
             heads = [h for h in range(len(pool)) if pool.slot_of(h)[0] == t]
             views = Views.draw(gen, (n, *pairs.x0.shape[1:]), set(c.pool.tasks), c.pool.crop_fraction)
             for name, (x0, xc) in sets.items():
-                said = {task: [] for task in c.pool.tasks}
                 for i in range(0, n, a.batch):
                     sl = slice(i, min(n, i + a.batch))
                     feats = encoder_features(encoder, x0[sl], t, rows(xc, sl), expand(uncond, len(x0[sl])),
                                              set(c.pool.tasks), sampler.alphas_cumprod, views.rows(sl))
                     for h, logit in pool(feats, heads).items():
-                        said[pool.slot_of(h)[2]].append((logit > 0).float().mean().item())
-                for task, v in said.items():
-                    table[name][(t, task)] = sum(v) / len(v)
+                        k = (t, pool.slot_of(h)[2])
+                        said[name][k].setdefault(h, []).append((logit > 0).float().mean(dim=(1, 2, 3)))
+                        score[name][k].setdefault(h, []).append(logit.mean(dim=(1, 2, 3)))
 
+    def share(name, k):
+        return torch.stack([torch.cat(v).mean() for v in said[name][k].values()]).mean().item()
+
+    def auc(name, k):
+        """P(a dataset latent scores above one of `name`), per head, averaged: 0.5 = the head cannot rank them."""
+        out = []
+        for h, v in score[name][k].items():
+            d, x = torch.cat(score[first][k][h]), torch.cat(v)
+            out.append(((d[:, None] > x[None]).float() + 0.5 * (d[:, None] == x[None]).float()).mean())
+        return torch.stack(out).mean().item()
+
+    first = next(iter(sets))
+    if a.linear:
+        linear_table(a, sets, encoder, uncond, sampler, c.pool.timesteps, gen, Views, encoder_features, rows, expand)
     print(f"\nShare of head outputs saying real ({n} latents a row; {len(pool)} heads, {pool.replicas} per slot, "
-          f"all replicas; run: {a.work})\n")
-    print("| shown | " + " | ".join(f"t* {t}, {task}" for t, task in cols) + " | mean |")
-    print("|---|" + "---|" * (len(cols) + 1))
-    for name, row in table.items():
-        vals = [row[k] for k in cols]
-        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {sum(vals) / len(vals):.2f} |")
+          f"all replicas; run: {a.work}); last column: AUC, how often a head scores a dataset latent above one of "
+          f"the row's (0.5: it cannot tell them apart), mean over heads\n")
+    print("| shown | " + " | ".join(f"t* {t}, {task}" for t, task in cols) + " | mean | AUC vs dataset |")
+    print("|---|" + "---|" * (len(cols) + 2))
+    for name in sets:
+        vals = [share(name, k) for k in cols]
+        aucs = [auc(name, k) for k in cols]
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {sum(vals) / len(vals):.2f} | "
+              + ("" if name == first else f"{sum(aucs) / len(aucs):.2f}") + " |")
     return 0
+
+
+def pooled(encoder, x0, xc, uncond, t, sampler, views, batch, encoder_features, rows, expand):
+    """Whole-image features with the prompt (global_cond's input), each level's channel means and stds over space."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x0), batch):
+            sl = slice(i, min(len(x0), i + batch))
+            f = encoder_features(encoder, x0[sl], t, rows(xc, sl), expand(uncond, len(x0[sl])), {"global_cond"},
+                                 sampler.alphas_cumprod, views.rows(sl))["global_cond"]
+            out.append([torch.cat([v.mean(dim=(2, 3)), v.std(dim=(2, 3))], 1).float() for v in f])
+    return [torch.cat(level) for level in zip(*out)]
+
+
+def fit_auc(pos, neg, half: int) -> float:
+    """L2-regularised logistic regression (LBFGS) on rows [:half] of each side; AUC on the rest."""
+    import torch
+
+    x = torch.cat([pos[:half], neg[:half]])
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    x = (x - mu) / sd
+    y = torch.cat([torch.ones(half), torch.zeros(half)])
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + 1e-2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        sp, sn = ((pos[half:] - mu) / sd) @ w, ((neg[half:] - mu) / sd) @ w
+        return ((sp[:, None] > sn[None]).float() + 0.5 * (sp[:, None] == sn[None]).float()).mean().item()
+
+
+def linear_table(a, sets, encoder, uncond, sampler, timesteps, gen, Views, encoder_features, rows, expand) -> None:
+    """Can the features tell the sources apart at all, given a head trained to convergence on a fixed set?"""
+    names = list(sets)
+    n = len(sets[names[0]][0])
+    feats = {}
+    for t in timesteps:
+        views = Views.draw(gen, tuple(sets[names[0]][0].shape), set(), 0.5)
+        for name, (x0, xc) in sets.items():
+            feats[name, t] = pooled(encoder, x0, xc, uncond, t, sampler, views, a.batch, encoder_features, rows,
+                                    expand)
+    levels = len(feats[names[0], timesteps[0]])
+    print(f"\nA logistic regression per encoder level on whole-image features with the prompt (channel means and "
+          f"stds), fit on {n // 2} + {n // 2} rows, AUC on the other {n - n // 2} + {n - n // 2}: dataset vs the "
+          f"row's source. Median and best of {levels} levels.\n")
+    print("| shown | " + " | ".join(f"t* {t}: median / best" for t in timesteps) + " |")
+    print("|---|" + "---|" * len(timesteps))
+    for name in names[1:]:
+        cells = []
+        for t in timesteps:
+            aucs = sorted(fit_auc(p, q, n // 2) for p, q in zip(feats[names[0], t], feats[name, t]))
+            cells.append(f"{aucs[len(aucs) // 2]:.2f} / {aucs[-1]:.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

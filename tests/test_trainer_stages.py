@@ -430,3 +430,27 @@ def test_nitro_seed_reseeds_stage_3_alone(tiny_run, tmp_path):
     assert any(not torch.equal(students["run0"][k], v) for k, v in students["run3"].items())
     with pytest.raises(ValueError, match="nitro.seed"):
         apply_overrides(recipe("tiny"), ["nitro.seed=-1"])
+
+
+def test_head_probe_shows_a_trained_pool_fresh_latents_from_each_source(tiny_run, capsys):
+    """bench/head_probe.py: the run's pool judges dataset latents, teacher samples and students' one-step outputs
+    with one shared noise and crop draw, so the run's own student shown again under another name gets the very same
+    row; AUCs are fractions; --linear adds the converged logistic-regression table. A folder that is not a finished
+    stage-3 run is a message and exit code 2."""
+    from .helpers import load_script
+
+    _, work, _ = tiny_run
+    probe = load_script("bench/head_probe.py")
+    assert probe.main(["--work", str(work), "--images", "8", "--batch", "4", "--linear",
+                       "--student", f"again={work / 'nitro' / 'unet'}"]) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| ") and "dataset latents" not in line]
+    shares = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table if line.startswith(("| teacher", "| this",
+                                                                                                   "| its", "| again"))}
+    assert shares["this run's student, 1 step"] == shares["again, 1 step"]
+    assert {"teacher samples (the cache)", "its one-step init, 1 step"} <= set(shares)
+    for row in shares.values():
+        assert 0.0 <= float(row[-1].strip(" |")) <= 1.0, row
+    assert "logistic regression" in out and "| again, 1 step |" in out
+    assert probe.main(["--work", str(work / "teacher")]) == 2
+    assert "not found" in capsys.readouterr().err

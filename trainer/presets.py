@@ -59,7 +59,9 @@ def _shapes16() -> TrainConfig:
       wrong background 80% of the time (alignment 8-10%, with or without Min-SNR); with both, 84.0% at 25 steps,
       guidance 3, against 63.0% for the 8x8 teacher (the same 400 eval prompts);
     - stage 3 with 4 discriminator updates per iteration and 0.1% refresh (bench/pool_probe.py: the heads learn
-      dataset latents vs the student's outputs, 0.70 / 0.80 accuracy against 0.52 / 0.66).
+      dataset latents vs the student's outputs, 0.70 / 0.80 accuracy against 0.52 / 0.66). Those figures judged the
+      batch after the heads had trained on it 3 times; shown fresh latents, the heads rank the student's and the
+      dataset's no better than chance (AUC 0.51-0.52, bench/head_probe.py, docs/training.md round 8);
     - a cache of 8192 teacher samples and a 3000-step one-step init (from 1024 and 600): the init's 1-step
       alignment rose to 78.4% (teacher 83.8%, 2,000 images);
     - stage 3 with the local unconditional heads only, at a third of the adversarial weight: from that init the

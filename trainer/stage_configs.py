@@ -275,7 +275,8 @@ class NitroConfig:
     # 2: 1-step iterations learn from the L2 term alone and the heads judge only k-step outputs, whose L2 target
     # is ill-posed (reg_multistep). Why: on shapes16 the heads sat at chance on 1-step fakes and their gradient
     # cost the 1-step student 42 points of alignment (control 73.0% -> 31.2%, 400 images), while on the
-    # control's multi-step fakes they learned (accuracy 0.60-0.71). Measured with 2 (docs/training.md, round 2):
+    # control's multi-step fakes they seemed to learn (accuracy 0.60-0.71, but judged after 3 updates on the same
+    # batch; round 8: on fresh latents such heads sit near chance). Measured with 2 (docs/training.md, round 2):
     # the 1-step student still fell (the k-step iterations train the same weights), and one pool collapsed.
     adv_min_steps: int = 1
     # The L2 term on k-step iterations (k > 1). "off": none. "sample": against the cached teacher sample of the
@@ -287,9 +288,10 @@ class NitroConfig:
     # The issue's targets are at 1 step, so the default is off.
     reg_multistep: str = "off"
     # None: the L2 weight stays reg_weight. A number: it falls linearly from reg_weight at the first iteration to
-    # this at the last (all phases), so the adversarial term gets the last word. Why: with dataset reals the heads
-    # pull toward dataset latents and the anchor toward the teacher's samples, which differ (docs/training.md,
-    # round 7); a fading anchor tests whether the heads do better once it lets go.
+    # this at the last (all phases), so the adversarial term gets the last word. Made to test round 7's reading
+    # (heads on dataset reals pulling against an anchor on the teacher's samples). Measured (docs/training.md,
+    # round 8): fading 10 -> 1 cost the 1-step student 22.6 points against its own fading control, 10 -> 0 cost
+    # 33.3; the heads did not lead it toward the dataset. Kept for experiments; no recipe uses it.
     reg_weight_end: float | None = None
     snapshot_every: int = 0  # also save the student as unet_step<N>/ every N iterations (0: never); for sweeps
     # Student and (its gradient runs back through it) the frozen teacher encoder recompute activations in backward.
