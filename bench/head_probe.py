@@ -53,10 +53,14 @@ def main(argv=None) -> int:
 
     quiet_libraries()
     ckpt = a.work / "nitro" / "checkpoint"
-    if not (ckpt / "pool.safetensors").is_file():
-        print(f"error: {ckpt}/pool.safetensors not found: --work must be a finished shapes stage-3 run",
-              file=sys.stderr)
-        return 2
+    for need in (ckpt / "pool.safetensors", a.work / "nitro" / "unet" / "config.json"):
+        if not need.is_file():
+            print(f"error: {need} not found: --work must be a finished shapes stage-3 run", file=sys.stderr)
+            return 2
+    for s in a.student:
+        if "=" not in s or not (Path(s.split("=", 1)[1]) / "config.json").is_file():
+            print(f"error: --student {s}: expected NAME=UNET_DIR, a diffusers UNet folder", file=sys.stderr)
+            return 2
     cfg = TrainConfig.load(ckpt / "train_config.json")
     c = cfg.nitro
     dirs = stage_dirs(a.work)

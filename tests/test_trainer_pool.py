@@ -171,6 +171,32 @@ def test_a_head_on_a_small_map_learns_a_level_difference():
     assert loss.item() < 1.0  # chance is 2 ln 2 = 1.386
 
 
+def test_a_head_without_norm_learns_an_image_wide_scale_difference_the_groupnorm_head_is_slow_to():
+    """nitro.pool.head_norm: reals and fakes that differ only in the image-wide scale of their features. The
+    GroupNorm head (one group on maps under 16 px: a per-image layer norm) mostly normalises it away; a head without
+    the norm separates them within the same 150 updates. A bad value is a config error."""
+    from trainer.discriminator import Head
+
+    losses = {}
+    for norm in ("group", "none"):
+        torch.manual_seed(0)
+        head = Head(in_ch=8, side=16, width=16, min_map=2, norm=norm)
+        opt = torch.optim.AdamW(head.parameters(), lr=1e-3, betas=(0.0, 0.99))
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(150):
+            real = torch.randn((32, 8, 16, 16), generator=gen) * 1.3
+            fake = torch.randn((32, 8, 16, 16), generator=gen)
+            loss = d_loss({0: head(real)}, {0: head(fake)}, "softplus")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses[norm] = loss.item()
+    assert losses["none"] < 0.2 and losses["group"] > 0.5, losses
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in Head(8, 16, 16, 2, "none").modules())
+    with pytest.raises(ValueError, match="head_norm"):
+        PoolConfig(head_norm="batch")
+
+
 def test_head_losses_sum_or_average_and_accuracy_counts_the_right_side_of_zero():
     """nitro.pool.reduce: "sum" is the heads' count times "mean" (the generator's adversarial term grows with the
     subset); the heads' accuracy is the share of real logits > 0 and of fake logits < 0, each head weighing the same."""

@@ -454,3 +454,5 @@ def test_head_probe_shows_a_trained_pool_fresh_latents_from_each_source(tiny_run
     assert "logistic regression" in out and "| again, 1 step |" in out
     assert probe.main(["--work", str(work / "teacher")]) == 2
     assert "not found" in capsys.readouterr().err
+    assert probe.main(["--work", str(work), "--student", str(work / "nitro" / "unet")]) == 2
+    assert "NAME=UNET_DIR" in capsys.readouterr().err

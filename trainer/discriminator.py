@@ -100,17 +100,20 @@ def _groups(ch: int, side: int) -> int:
 class Head(nn.Module):
     """DMD2-style head: strided 4x4 convs + GroupNorm + SiLU down to a small map, then a 1x1 conv to logits."""
 
-    def __init__(self, in_ch: int, side: int, width: int, min_map: int):
+    def __init__(self, in_ch: int, side: int, width: int, min_map: int, norm: str = "group"):
         super().__init__()
         layers: list[nn.Module] = []
         ch, s = in_ch, side
+
+        def norm_layer(side: int) -> nn.Module:  # "none": keep each image's feature level and scale for the head
+            return nn.GroupNorm(_groups(width, side), width) if norm == "group" else nn.Identity()
+
         while s > min_map:
             s //= 2
-            layers += [nn.Conv2d(ch, width, 4, stride=2, padding=1), nn.GroupNorm(_groups(width, s), width),
-                       nn.SiLU()]
+            layers += [nn.Conv2d(ch, width, 4, stride=2, padding=1), norm_layer(s), nn.SiLU()]
             ch = width
         if not layers:  # already small: one 3x3 layer so the head still has capacity
-            layers += [nn.Conv2d(ch, width, 3, padding=1), nn.GroupNorm(_groups(width, s), width), nn.SiLU()]
+            layers += [nn.Conv2d(ch, width, 3, padding=1), norm_layer(s), nn.SiLU()]
             ch = width
         layers.append(nn.Conv2d(ch, 1, 1))
         self.net = nn.Sequential(*layers)
@@ -149,7 +152,7 @@ class HeadPool(nn.Module):
             k = cfg.heads_per_slot
         self.replicas = k
         self.heads = nn.ModuleList(
-            Head(level_shapes[lvl][0], level_shapes[lvl][1], cfg.head_channels, cfg.min_map)
+            Head(level_shapes[lvl][0], level_shapes[lvl][1], cfg.head_channels, cfg.min_map, cfg.head_norm)
             for (_, lvl, _) in self.slots for _ in range(k)
         )
 

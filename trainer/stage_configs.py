@@ -221,6 +221,12 @@ class PoolConfig:
     refresh_fraction: float = 0.01  # share of the whole pool re-initialised every iteration (0: no refresh)
     crop_fraction: float = 0.5  # local heads read random crops of this side (in latent pixels), own encoder pass
     head_channels: int = 32
+    # Each head layer's normalisation: "group" (DMD2's GroupNorm; one group, a per-image layer norm, on maps under
+    # 16 px) or "none". Why "none" exists: a linear probe on the encoder's per-channel means and stds tells the
+    # shapes16 student from the dataset (AUC up to 0.80) where the GroupNorm heads cannot (0.51); a per-image norm
+    # removes the image-wide feature scale. Measured (docs/training.md, round 8): without it the heads still could
+    # not rank fresh dataset latents above the student's (AUC 0.52), so "group" stays the default.
+    head_norm: str = "group"
     min_map: int = 2  # heads stride down to this side before the 1x1 logit conv
     # How the sampled heads' losses combine, in both the generator's and the heads' loss. "mean" (the shapes
     # recipe's): the adversarial term weighs as one head against nitro.reg_weight x L2, whatever the subset size.
@@ -244,6 +250,7 @@ class PoolConfig:
         _check(0 <= self.refresh_fraction < 1, "nitro.pool.refresh_fraction must be in [0, 1)")
         _check(0 < self.crop_fraction <= 1, "nitro.pool.crop_fraction must be in (0, 1]")
         _check(self.reduce in ("mean", "sum"), "nitro.pool.reduce must be 'mean' or 'sum'")
+        _check(self.head_norm in ("group", "none"), "nitro.pool.head_norm must be 'group' or 'none'")
         _check(self.mismatch >= 0, "nitro.pool.mismatch must be >= 0")
 
 
