@@ -113,16 +113,13 @@ def main(argv=None) -> int:
         return torch.stack([torch.cat(v).mean() for v in said[name][k].values()]).mean().item()
 
     def auc(name, k):
-        """P(a dataset latent scores above one of `name`), per head, averaged: 0.5 = the head cannot rank them."""
-        out = []
-        for h, v in score[name][k].items():
-            d, x = torch.cat(score[first][k][h]), torch.cat(v)
-            out.append(((d[:, None] > x[None]).float() + 0.5 * (d[:, None] == x[None]).float()).mean())
-        return torch.stack(out).mean().item()
+        """Per head, how often a dataset latent scores above one of `name`, averaged over heads."""
+        return sum(rank_auc(torch.cat(score[first][k][h]), torch.cat(v)) for h, v in score[name][k].items()) / len(
+            score[name][k])
 
     first = next(iter(sets))
     if a.linear:
-        linear_table(a, sets, encoder, uncond, sampler, c.pool.timesteps, gen, Views, encoder_features, rows, expand)
+        linear_table(a, sets, encoder, uncond, sampler, c.pool.timesteps, gen)
     print(f"\nShare of head outputs saying real ({n} latents a row; {len(pool)} heads, {pool.replicas} per slot, "
           f"all replicas; run: {a.work}); last column: AUC, how often a head scores a dataset latent above one of "
           f"the row's (0.5: it cannot tell them apart), mean over heads\n")
@@ -136,9 +133,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def pooled(encoder, x0, xc, uncond, t, sampler, views, batch, encoder_features, rows, expand):
-    """Whole-image features with the prompt (global_cond's input), each level's channel means and stds over space."""
+def rank_auc(pos, neg) -> float:
+    """P(a `pos` score > a `neg` score), ties counting half: 0.5 = the scores cannot rank the two sets."""
+    return ((pos[:, None] > neg[None]).float() + 0.5 * (pos[:, None] == neg[None]).float()).mean().item()
+
+
+def pooled(encoder, x0, xc, uncond, t, sampler, views, batch):
+    """Whole-image features with the prompt (global_cond's input), each level's channel means and stds over space.
+    A second encoder pass beside the heads' (--linear only): it keeps the heads' table's noise draws as they were."""
     import torch
+
+    from trainer.conditioning import expand, rows
+    from trainer.discriminator import encoder_features
 
     out = []
     with torch.no_grad():
@@ -170,20 +176,20 @@ def fit_auc(pos, neg, half: int) -> float:
 
     opt.step(closure)
     with torch.no_grad():
-        sp, sn = ((pos[half:] - mu) / sd) @ w, ((neg[half:] - mu) / sd) @ w
-        return ((sp[:, None] > sn[None]).float() + 0.5 * (sp[:, None] == sn[None]).float()).mean().item()
+        return rank_auc(((pos[half:] - mu) / sd) @ w, ((neg[half:] - mu) / sd) @ w)
 
 
-def linear_table(a, sets, encoder, uncond, sampler, timesteps, gen, Views, encoder_features, rows, expand) -> None:
+def linear_table(a, sets, encoder, uncond, sampler, timesteps, gen) -> None:
     """Can the features tell the sources apart at all, given a head trained to convergence on a fixed set?"""
+    from trainer.discriminator import Views
+
     names = list(sets)
     n = len(sets[names[0]][0])
     feats = {}
     for t in timesteps:
         views = Views.draw(gen, tuple(sets[names[0]][0].shape), set(), 0.5)
         for name, (x0, xc) in sets.items():
-            feats[name, t] = pooled(encoder, x0, xc, uncond, t, sampler, views, a.batch, encoder_features, rows,
-                                    expand)
+            feats[name, t] = pooled(encoder, x0, xc, uncond, t, sampler, views, a.batch)
     levels = len(feats[names[0], timesteps[0]])
     print(f"\nA logistic regression per encoder level on whole-image features with the prompt (channel means and "
           f"stds), fit on {n // 2} + {n // 2} rows, AUC on the other {n - n // 2} + {n - n // 2}: dataset vs the "
