@@ -362,11 +362,12 @@ class Engine:
                 if job.stream:
                     for r in job.rows:
                         self._progress(r, r.image, final=True)
-                # Scored before the answer goes out, so whoever waits on the future finds the policy updated.
+                # Scored and counted before the answer goes out, so whoever waits on the future finds the policy
+                # and the metrics updated.
                 if not job.reports_served:
                     self._score(job, now)
-                job.future.set_result([r.image for r in job.rows])
                 self.observer.finished(job, now - job.enqueued_at, len(job.rows))
+                job.future.set_result([r.image for r in job.rows])
         self.scheduler.remove(jobs)
 
     def _progress(self, row: Row, image: np.ndarray, final: bool, step: int | None = None) -> None:
