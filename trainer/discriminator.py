@@ -135,6 +135,51 @@ class Head(nn.Module):
                 m.bias.zero_()
 
 
+class StatsHead(nn.Module):
+    """A head that judges each image's feature statistics, not patches: every channel's mean and std over the map
+    (2C numbers), standardised by running estimates, then a two-layer MLP to one logit per image. Why: on shapes16 a
+    converged logistic regression on these statistics tells the student from dataset latents (AUC up to 0.80) where
+    the patch heads, trained online, sit at chance (0.51; docs/training.md, round 8). The running mean and variance
+    are updated only on the heads' own updates (`learn`), from real and fake rows together, so the generator is judged
+    by the scale the heads learned on and cannot move it."""
+
+    def __init__(self, in_ch: int, width: int, momentum: float = 0.05):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * in_ch, width), nn.SiLU(), nn.Linear(width, 1))
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(2 * in_ch))
+        self.register_buffer("var", torch.ones(2 * in_ch))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, learn: bool = False) -> torch.Tensor:
+        x = x.float()
+        stats = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3), correction=0)], dim=1)  # one-pixel maps: std 0
+        if learn:
+            with torch.no_grad():
+                m = 1.0 if self.seen == 0 else self.momentum  # the first batch sets the scale outright
+                self.mean.lerp_(stats.mean(0), m)
+                self.var.lerp_(stats.var(0, correction=0), m)
+                self.seen += 1
+        z = (stats - self.mean) / (self.var + 1e-6).sqrt()
+        return self.net(z.to(self.net[0].weight.dtype))[:, :, None, None]  # (B, 1, 1, 1): one verdict per image
+
+    @torch.no_grad()
+    def reinit(self, gen: torch.Generator) -> None:
+        """PyTorch's default Linear init, drawn from `gen` (as Head.reinit); the running statistics stay: they
+        describe the features, not what the head learned."""
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                bound = 1 / math.sqrt(m.in_features)
+                m.weight.copy_((torch.rand(m.weight.shape, generator=gen) * 2 - 1) * bound)
+                m.bias.copy_((torch.rand(m.bias.shape, generator=gen) * 2 - 1) * bound)
+
+
+def make_head(cfg: PoolConfig, in_ch: int, side: int) -> nn.Module:
+    if cfg.head_kind == "stats":
+        return StatsHead(in_ch, cfg.head_channels)
+    return Head(in_ch, side, cfg.head_channels, cfg.min_map, cfg.head_norm)
+
+
 class HeadPool(nn.Module):
     """All heads, indexed by slot (t*, level, task) x replica. Only sampled heads run (and so get gradients)."""
 
@@ -152,8 +197,7 @@ class HeadPool(nn.Module):
             k = cfg.heads_per_slot
         self.replicas = k
         self.heads = nn.ModuleList(
-            Head(level_shapes[lvl][0], level_shapes[lvl][1], cfg.head_channels, cfg.min_map, cfg.head_norm)
-            for (_, lvl, _) in self.slots for _ in range(k)
+            make_head(cfg, *level_shapes[lvl]) for (_, lvl, _) in self.slots for _ in range(k)
         )
 
     def __len__(self) -> int:
@@ -190,13 +234,18 @@ class HeadPool(nn.Module):
                     optimizer.state.pop(p, None)
         return sorted(ids)
 
-    def forward(self, feats: dict[str, list[torch.Tensor]], heads: list[int]) -> dict[int, torch.Tensor]:
-        """feats[task][level]: (B, C, h, w). Returns each sampled head's logit map (B, 1, h', w')."""
+    def forward(self, feats: dict[str, list[torch.Tensor]], heads: list[int],
+                learn: bool = False) -> dict[int, torch.Tensor]:
+        """feats[task][level]: (B, C, h, w). Returns each sampled head's logit map (B, 1, h', w'). `learn`: this is
+        the heads' own update (stats heads then move their running feature statistics; patch heads ignore it)."""
         out = {}
         for i in heads:
             head, (_, level, task) = self.heads[i], self.slot_of(i)
             x = feats[task][level]
-            out[i] = head(x.to(head.net[0].weight.dtype))
+            if isinstance(head, StatsHead):
+                out[i] = head(x, learn=learn)
+            else:
+                out[i] = head(x.to(head.net[0].weight.dtype))
         return out
 
 

@@ -212,7 +212,7 @@ def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch, fake: torc
                     # appended to those tasks' rows, so the pool still runs once (one DDP forward per backward)
                     both = {t: [torch.cat(pair) for pair in zip(f, wrong[t])] if t in wrong else f
                             for t, f in both.items()}
-            logits = nets.pool(both, plan.heads)
+            logits = nets.pool(both, plan.heads, learn=True)
             real, fake_logits = {i: v[:n] for i, v in logits.items()}, {i: v[n:2 * n] for i, v in logits.items()}
             mis = {i: logits[i][2 * n:] for i in cond_heads} if mismatch else None
             loss_d = d_loss(real, fake_logits, c.loss, c.pool.reduce, mis, c.pool.mismatch)

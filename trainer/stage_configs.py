@@ -227,6 +227,11 @@ class PoolConfig:
     # removes the image-wide feature scale. Measured (docs/training.md, round 8): without it the heads still could
     # not rank fresh dataset latents above the student's (AUC 0.52), so "group" stays the default.
     head_norm: str = "group"
+    # "patch": DMD2's strided conv heads, a logit per small patch of the feature map. "stats": one logit per image
+    # from each channel's mean and std over the map, through a 2-layer MLP (trainer/discriminator.py StatsHead;
+    # head_channels is its width, head_norm and min_map do not apply). Why "stats" exists: a converged linear probe
+    # on those statistics separates the shapes16 student from the dataset where the patch heads cannot (round 8).
+    head_kind: str = "patch"
     min_map: int = 2  # heads stride down to this side before the 1x1 logit conv
     # How the sampled heads' losses combine, in both the generator's and the heads' loss. "mean" (the shapes
     # recipe's): the adversarial term weighs as one head against nitro.reg_weight x L2, whatever the subset size.
@@ -251,6 +256,7 @@ class PoolConfig:
         _check(0 < self.crop_fraction <= 1, "nitro.pool.crop_fraction must be in (0, 1]")
         _check(self.reduce in ("mean", "sum"), "nitro.pool.reduce must be 'mean' or 'sum'")
         _check(self.head_norm in ("group", "none"), "nitro.pool.head_norm must be 'group' or 'none'")
+        _check(self.head_kind in ("patch", "stats"), "nitro.pool.head_kind must be 'patch' or 'stats'")
         _check(self.mismatch >= 0, "nitro.pool.mismatch must be >= 0")
 
 
