@@ -130,6 +130,11 @@ def main(argv=None) -> int:
         aucs = [auc(name, k) for k in cols]
         print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {sum(vals) / len(vals):.2f} | "
               + ("" if name == first else f"{sum(aucs) / len(aucs):.2f}") + " |")
+    print("\nAUC vs dataset latents per column (mean over that column's heads)\n")
+    print("| shown | " + " | ".join(f"t* {t}, {task}" for t, task in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for name in list(sets)[1:]:
+        print(f"| {name} | " + " | ".join(f"{auc(name, k):.2f}" for k in cols) + " |")
     return 0
 
 

@@ -444,6 +444,7 @@ def test_head_probe_shows_a_trained_pool_fresh_latents_from_each_source(tiny_run
     assert probe.main(["--work", str(work), "--images", "8", "--batch", "4", "--linear",
                        "--student", f"again={work / 'nitro' / 'unet'}"]) == 0
     out = capsys.readouterr().out
+    out, per_column = out.split("AUC vs dataset latents per column")
     table = [line for line in out.splitlines() if line.startswith("| ") and "dataset latents" not in line]
     shares = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table if line.startswith(("| teacher", "| this",
                                                                                                    "| its", "| again"))}
@@ -452,7 +453,39 @@ def test_head_probe_shows_a_trained_pool_fresh_latents_from_each_source(tiny_run
     for row in shares.values():
         assert 0.0 <= float(row[-1].strip(" |")) <= 1.0, row
     assert "logistic regression" in out and "| again, 1 step |" in out
+    columns = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in per_column.splitlines()
+               if line.startswith(("| this", "| again"))}
+    assert columns["this run's student, 1 step"] == columns["again, 1 step"]
+    assert all(0.0 <= float(v.strip(" |")) <= 1.0 for v in columns["again, 1 step"])
     assert probe.main(["--work", str(work / "teacher")]) == 2
     assert "not found" in capsys.readouterr().err
     assert probe.main(["--work", str(work), "--student", str(work / "nitro" / "unet")]) == 2
     assert "NAME=UNET_DIR" in capsys.readouterr().err
+
+
+def test_head_learnability_trains_both_head_kinds_on_fixed_features_and_is_reproducible(tiny_run, capsys):
+    """bench/head_learnability.py: patch and stats heads trained online on one fixed set of encoder features, held-out
+    AUCs as "median / best" fractions for each optimiser setting, beside the converged logistic regression; seeded,
+    so a second run prints the same table. A folder that is not a finished run, or too few images, is exit code 2."""
+    from .helpers import load_script
+
+    _, work, _ = tiny_run
+    bench = load_script("bench/head_learnability.py")
+    args = ["--work", str(work), "--images", "64", "--updates", "3", "--batch", "32"]
+    assert bench.main(args) == 0
+    first = capsys.readouterr().out
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in first.splitlines()
+            if line.startswith(("| patch", "| stats"))}
+    assert set(rows) == {"patch", "stats"}
+    for cells in rows.values():
+        assert len(cells) == len(bench.SETTINGS)
+        for cell in cells:
+            median, best = (float(v) for v in cell.strip(" |").split(" / "))
+            assert 0.0 <= median <= best <= 1.0
+    assert "converged logistic regression" in first
+    assert bench.main(args) == 0
+    assert capsys.readouterr().out == first
+    assert bench.main(["--work", str(work / "teacher")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert bench.main(["--work", str(work), "--images", "8"]) == 2
+    assert "at least 64" in capsys.readouterr().err
