@@ -263,3 +263,36 @@ def test_discriminator_step_logs_what_the_heads_made_of_the_batch_before_trainin
     assert any(not torch.equal(v, after[k]) for k, v in before.items())  # the heads did train, four times
     fitted = discriminator_backward(nets, plan, batch, fake, cfg, len(batch), 3)
     assert fitted["loss_d"] < fresh["loss_d"]
+
+
+def test_replayed_fakes_join_the_heads_update_but_not_its_logged_accuracy():
+    """nitro.pool.replay: `DiscBatch.with_past` appends earlier iterations' fakes (and as many more reals, with fresh
+    views) after this iteration's rows, which keep their own views. The heads' loss and gradient then include the
+    replayed rows, while the logged accuracy is the one the heads score on this iteration's rows alone."""
+    nets, text, cfg = build("sd")
+    plan, batch = make_batch(nets, text, cfg, 1)
+    fake = batch.target.clone()
+    _, past = make_batch(nets, text, cfg, 1, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    longer, longer_fake = batch.disc().with_past(fake, [(past.target, past.cond), (past.noise, past.cond)],
+                                                 torch.cat([past.real, past.real]), Conditioning.cat([past.cond] * 2),
+                                                 gen, plan.tasks, cfg.pool.crop_fraction)
+    n = len(batch)
+    assert len(longer) == 3 * n and longer_fake.shape[0] == 3 * n and longer.fresh == n
+    assert torch.equal(longer_fake[:n], fake) and torch.equal(longer_fake[n:2 * n], past.target)
+    head = longer.rows(slice(0, n))
+    assert torch.equal(head.real, batch.real)
+    assert torch.equal(head.d_views[0][1].noise, batch.d_views[0][1].noise)
+    assert head.d_views[0][0].ys == batch.d_views[0][0].ys
+    alone = discriminator_backward(nets, plan, batch, fake, cfg, n)
+    g_alone = grads(nets.pool)
+    nets.pool.zero_grad(set_to_none=True)
+    replayed = discriminator_backward(nets, plan, longer, longer_fake, cfg, n)
+    assert (replayed["acc_real"], replayed["acc_fake"]) == pytest.approx((alone["acc_real"], alone["acc_fake"]))
+    assert replayed["loss_d"] != pytest.approx(alone["loss_d"])
+    g_replayed = grads(nets.pool)
+    assert any(not torch.allclose(g_alone[k], g_replayed[k]) for k in g_alone)
+    with pytest.raises(ValueError, match="as many reals"):
+        batch.disc().with_past(fake, [(past.target, past.cond)], past.real[:1], past.cond, gen, plan.tasks, 0.5)
+    with pytest.raises(ValueError, match="replay"):
+        PoolConfig(replay=-1)

@@ -420,6 +420,22 @@ def test_reg_weight_end_fades_the_l2_anchor_linearly_over_stage_3(tiny_run, tmp_
             apply_overrides(recipe("tiny"), bad)
 
 
+def test_replay_changes_only_the_heads_update_and_stats_heads_train_end_to_end(tiny_run, tmp_path):
+    """nitro.pool.replay=1: over 2 iterations the student is the plain run's, bit for bit (the first iteration has
+    nothing to replay, and the replayed rows' draws come after the iteration's own), while the heads, trained on the
+    second iteration with the first's fakes too, end elsewhere. nitro.pool.head_kind=stats runs stage 3 end to end
+    and its heads move the student."""
+    students = _stage3_students(tiny_run, tmp_path, {"plain": [], "replay": ["nitro.pool.replay=1"],
+                                                      "stats": ["nitro.pool.head_kind=stats"]})
+    for k, v in students["plain"].items():
+        torch.testing.assert_close(students["replay"][k], v, rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(students["stats"][k], v) for k, v in students["plain"].items())
+    pools = {name: load_file(tmp_path / name / "nitro" / "checkpoint" / "pool.safetensors") for name in students}
+    assert pools["plain"].keys() == pools["replay"].keys()
+    assert any(not torch.equal(pools["replay"][k], v) for k, v in pools["plain"].items())
+    assert any(k.endswith(".mean") for k in pools["stats"])  # the stats heads' running statistics are checkpointed
+
+
 def test_nitro_seed_reseeds_stage_3_alone(tiny_run, tmp_path):
     """nitro.seed=3 trains stage 3 exactly as run.seed=3 would (the same student, bit for bit) over the same earlier
     stages, and differently from run.seed=0: a recipe can name the stage-3 run behind its model."""

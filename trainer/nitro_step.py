@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from nitrofusion.sampler import LCMSampler
 
-from .conditioning import Conditioning, rows, unet_kwargs
+from .conditioning import Conditioning, expand, rows, unet_kwargs
 from .config import NitroConfig
 from .discriminator import (
     COND_TASKS,
@@ -84,10 +84,54 @@ class Batch:
     def __len__(self) -> int:
         return self.noise.shape[0]
 
+    def disc(self) -> DiscBatch:
+        return DiscBatch(self.real, self.real_cond, self.cond, self.uncond, self.d_views)
+
     def rows(self, i: slice) -> Batch:
         return Batch(self.noise[i], self.target[i], self.prompts[i], rows(self.cond, i), self.real[i],
                      rows(self.real_cond, i), rows(self.uncond, i), [z[i] for z in self.renoise],
                      self.g_views.rows(i), [(r.rows(i), f.rows(i)) for r, f in self.d_views])
+
+
+@dataclass
+class DiscBatch:
+    """What the discriminator step reads of a batch: reals with their prompts, the fakes' prompts, the empty
+    prompt per row, and one (reals, fakes) view per discriminator update. `Batch.disc()` gives this iteration's;
+    `with_past` appends earlier iterations' fakes (nitro.pool.replay)."""
+
+    real: torch.Tensor
+    real_cond: Conditioning
+    cond: Conditioning  # the fakes' prompts
+    uncond: Conditioning
+    d_views: list[tuple[Views, Views]]
+    fresh: int | None = None  # rows [:fresh] are this iteration's; the logged accuracy counts only them
+
+    def __len__(self) -> int:
+        return self.real.shape[0]
+
+    def rows(self, i: slice) -> DiscBatch:
+        return DiscBatch(self.real[i], rows(self.real_cond, i), rows(self.cond, i), rows(self.uncond, i),
+                         [(r.rows(i), f.rows(i)) for r, f in self.d_views])
+
+    def with_past(self, fake: torch.Tensor, past: list[tuple[torch.Tensor, Conditioning]], real: torch.Tensor,
+                  real_cond: Conditioning, gen: torch.Generator, tasks: set[str],
+                  crop_fraction: float) -> tuple[DiscBatch, torch.Tensor]:
+        """This batch (with its fakes `fake`) followed by the fakes of earlier iterations (`past`: detached x0 and
+        their prompts) against as many more reals (`real`, `real_cond`), each extra row with fresh views drawn from
+        `gen`. Returns the longer batch and its fakes."""
+        old_fake = torch.cat([f for f, _ in past])
+        n = old_fake.shape[0]
+        if real.shape[0] != n:
+            raise ValueError(f"{n} past fakes need as many reals, got {real.shape[0]}")
+        views = []
+        for r, f in self.d_views:
+            er, ef = Views.draw(gen, (2 * n, *old_fake.shape[1:]), tasks, crop_fraction).split(n)
+            views.append((Views.cat(r, er), Views.cat(f, ef)))
+        uncond = expand(self.uncond.row(0), len(self) + n)  # the empty prompt: every row's is the same
+        longer = DiscBatch(torch.cat([self.real, real.to(self.real.device, self.real.dtype)]),
+                           Conditioning.cat([self.real_cond, real_cond]),
+                           Conditioning.cat([self.cond, *(c for _, c in past)]), uncond, views, len(self))
+        return longer, torch.cat([fake, old_fake.to(fake.device, fake.dtype)])
 
 
 def draw_noises(gen: torch.Generator, shape: tuple[int, ...], plan: Plan, c: NitroConfig):
@@ -183,17 +227,19 @@ def generator_step(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig,
     return fake, logs
 
 
-def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch, fake: torch.Tensor, c: NitroConfig,
-                           micro: int, update: int = 0) -> dict[str, float]:
+def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch | DiscBatch, fake: torch.Tensor,
+                           c: NitroConfig, micro: int, update: int = 0) -> dict[str, float]:
     """Gradients of the sampled heads' loss, reals vs the detached fakes, for discriminator update `update`; real
     and fake rows in one batch, so each head runs once per micro-batch. Returns the mean loss and the heads'
     accuracy on reals and on fakes (before this update: what the heads knew when they judged)."""
     acc = nets.accelerator
     parts = micro_slices(len(batch), micro)
+    # replayed rows (nitro.pool.replay) train the heads but are not counted: the heads have judged them before
+    fresh = [sl.stop <= (getattr(batch, "fresh", None) or len(batch)) for sl in parts]
     cond_heads = [h for h in plan.heads if nets.raw_pool.slot_of(h)[2] in COND_TASKS]
     mismatch = c.pool.mismatch > 0 and bool(cond_heads)
     total, acc_real, acc_fake, acc_mis = 0.0, 0.0, 0.0, 0.0
-    for (_, ctx), sl in zip(micro_contexts(acc, nets.pool, len(parts)), parts):
+    for (_, ctx), sl, counted in zip(micro_contexts(acc, nets.pool, len(parts)), parts, fresh):
         mb = batch.rows(sl)
         real_views, fake_views = mb.d_views[update]
         n = mb.real.shape[0]
@@ -218,19 +264,21 @@ def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch, fake: torc
             loss_d = d_loss(real, fake_logits, c.loss, c.pool.reduce, mis, c.pool.mismatch)
             acc.backward(loss_d / len(parts))
         total += loss_d.item() / len(parts)
+        if not counted:
+            continue
         hit_r, hit_f = head_accuracy(real, fake_logits)
-        acc_real += hit_r / len(parts)
-        acc_fake += hit_f / len(parts)
+        acc_real += hit_r / sum(fresh)
+        acc_fake += hit_f / sum(fresh)
         if mismatch:
-            acc_mis += head_accuracy(mis, mis)[1] / len(parts)
+            acc_mis += head_accuracy(mis, mis)[1] / sum(fresh)
     logs = {"loss_d": total, "acc_real": acc_real, "acc_fake": acc_fake}
     if c.pool.mismatch > 0:
         logs["acc_mismatch"] = acc_mis if mismatch else float("nan")
     return logs
 
 
-def discriminator_step(nets: NitroNets, plan: Plan, batch: Batch, fake: torch.Tensor, c: NitroConfig,
-                       micro: int) -> dict[str, float]:
+def discriminator_step(nets: NitroNets, plan: Plan, batch: Batch | DiscBatch, fake: torch.Tensor,
+                       c: NitroConfig, micro: int) -> dict[str, float]:
     """`c.disc_steps` updates of the sampled heads on this batch. Logs the first update's loss and accuracy: what the
     heads make of rows they have not trained on. The last update's (logged until 2026-12-01) judged rows the heads
     had just fitted disc_steps - 1 times: with 4 updates it read 0.6-0.8 where heads shown fresh latents sat near

@@ -15,6 +15,7 @@ Each iteration is one optimizer step over nitro.optim.grad_accum micro-batches o
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -103,6 +104,7 @@ class NitroJob(StageJob):
             self.reals = self.source.real_pool(self.frozen, acc, self.cache_dir)
         text = self.frozen.text
         self.uncond_1 = to(self.cache.uncond, acc.device) if self.cache.uncond is not None else text([""])
+        self.past = deque(maxlen=c.pool.replay)  # (detached fakes, their conditioning) of recent iterations
 
     # -- one iteration --------------------------------------------------------------------------------
     def draw(self, stage: Stage, gen: torch.Generator) -> tuple[Plan, Batch]:
@@ -136,6 +138,14 @@ class NitroJob(StageJob):
                       *draw_noises(gen, tuple(noise.shape), plan, c))
         return plan, batch
 
+    def more_reals(self, gen: torch.Generator, n: int):
+        """n more of what the heads call real, with their conditioning (nitro.pool.replay's extra rows)."""
+        if self.reals is not None:
+            pick = torch.randint(len(self.reals["prompts"]), (n,), generator=gen)
+            return self.reals["x0"][pick], self.frozen.text([self.reals["prompts"][i] for i in pick.tolist()])
+        pairs = cache_batch(self.cache, gen, n)
+        return pairs.x0, conditioning_of(pairs, self.frozen.text, self.acc.device)
+
     def iteration(self, stage: Stage) -> dict[str, float]:
         c = self.cfg.nitro
         gen = stage.gen()
@@ -143,7 +153,14 @@ class NitroJob(StageJob):
         plan, batch = self.draw(stage, gen)
         # 2-3. Generator step, then 4. discriminator step(s) on its detached fakes.
         fake, g_logs = generator_step(self.nets, plan, batch, c, c.optim.batch_size)
-        d_logs = discriminator_step(self.nets, plan, batch, fake, c, c.optim.batch_size)
+        d_batch, d_fake = batch, fake
+        if c.pool.replay:
+            if self.past:  # drawn after all of the iteration's own randomness: replay 0 leaves runs unchanged
+                real, real_cond = self.more_reals(gen, sum(len(f) for f, _ in self.past))
+                d_batch, d_fake = batch.disc().with_past(fake, list(self.past), real, real_cond, gen, plan.tasks,
+                                                         c.pool.crop_fraction)
+            self.past.append((fake, batch.cond))
+        d_logs = discriminator_step(self.nets, plan, d_batch, d_fake, c, c.optim.batch_size)
         stage.extra_state["last_refreshed"] = self.refreshed
         logs = {"loss_g": g_logs["loss_g"], "loss_d": d_logs["loss_d"], "t_star": plan.t_star, "steps": plan.steps,
                 "heads": len(plan.heads), "refreshed": len(self.refreshed)}

@@ -232,6 +232,12 @@ class PoolConfig:
     # head_channels is its width, head_norm and min_map do not apply). Why "stats" exists: a converged linear probe
     # on those statistics separates the shapes16 student from the dataset where the patch heads cannot (round 8).
     head_kind: str = "patch"
+    # > 0: the heads' updates also see the fakes of the last this-many iterations (detached, with their prompts),
+    # against as many more reals, so each update reads (1 + this) x the rows. Why: on fixed features a head
+    # trained on 128 rows per update reaches a held-out AUC of 0.67 / 0.86 (median / best level) where 16 rows give
+    # 0.59 / 0.81 (bench/head_learnability.py, docs/training.md round 9). Costs (1 + this) x the encoder work of
+    # each update: pair it with fewer nitro.disc_steps. Not checkpointed: a resumed run starts with no past fakes.
+    replay: int = 0
     min_map: int = 2  # heads stride down to this side before the 1x1 logit conv
     # How the sampled heads' losses combine, in both the generator's and the heads' loss. "mean" (the shapes
     # recipe's): the adversarial term weighs as one head against nitro.reg_weight x L2, whatever the subset size.
@@ -257,6 +263,7 @@ class PoolConfig:
         _check(self.reduce in ("mean", "sum"), "nitro.pool.reduce must be 'mean' or 'sum'")
         _check(self.head_norm in ("group", "none"), "nitro.pool.head_norm must be 'group' or 'none'")
         _check(self.head_kind in ("patch", "stats"), "nitro.pool.head_kind must be 'patch' or 'stats'")
+        _check(self.replay >= 0, "nitro.pool.replay must be >= 0")
         _check(self.mismatch >= 0, "nitro.pool.mismatch must be >= 0")
 
 
