@@ -231,12 +231,17 @@ class PoolConfig:
     # from each channel's mean and std over the map, through a 2-layer MLP (trainer/discriminator.py StatsHead;
     # head_channels is its width, head_norm and min_map do not apply). Why "stats" exists: a converged linear probe
     # on those statistics separates the shapes16 student from the dataset where the patch heads cannot (round 8).
+    # Measured (docs/training.md, round 9): they learn a little more than patch heads in the same slots (AUC 0.57
+    # against 0.55) and the student they train is the control's, within the intervals; "patch" stays the default.
     head_kind: str = "patch"
     # > 0: the heads' updates also see the fakes of the last this-many iterations (detached, with their prompts),
     # against as many more reals, so each update reads (1 + this) x the rows. Why: on fixed features a head
     # trained on 128 rows per update reaches a held-out AUC of 0.67 / 0.86 (median / best level) where 16 rows give
     # 0.59 / 0.81 (bench/head_learnability.py, docs/training.md round 9). Costs (1 + this) x the encoder work of
     # each update: pair it with fewer nitro.disc_steps. Not checkpointed: a resumed run starts with no past fakes.
+    # Measured on shapes16 (round 9, replay 7, one update per iteration): the first heads that separate fresh dataset
+    # latents from the student's (AUC 0.67), but they separate the teacher's samples as well (0.64), and the student
+    # they train is no better than the control (-0.4 at 1 step, -1.9 and -2.4 points at 2 and 3). Off by default.
     replay: int = 0
     min_map: int = 2  # heads stride down to this side before the 1x1 logit conv
     # How the sampled heads' losses combine, in both the generator's and the heads' loss. "mean" (the shapes
