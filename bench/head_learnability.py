@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     from trainer.cache import PairCache, cache_batch, conditioning_of
     from trainer.conditioning import expand, rows
     from trainer.config import PoolConfig, TrainConfig
-    from trainer.discriminator import FrozenEncoder, Views, d_loss, encoder_features, make_head
+    from trainer.discriminator import FrozenEncoder, Views, channel_stats, d_loss, encoder_features, make_head
     from trainer.loop import make_accelerator
     from trainer.models import alphas_cumprod
     from trainer.nitro_step import student_x0
@@ -94,9 +94,7 @@ def main(argv=None) -> int:
         real_f, fake_f = levels(real_x0, real_cond), levels(fake_x0, cond)
 
     half = n // 2
-    pooled = [(torch.cat([r.mean(dim=(2, 3)), r.std(dim=(2, 3))], 1), torch.cat([f.mean(dim=(2, 3)),
-               f.std(dim=(2, 3))], 1)) for r, f in zip(real_f, fake_f)]
-    converged = sorted(fit_auc(r, f, half) for r, f in pooled)
+    converged = sorted(fit_auc(channel_stats(r), channel_stats(f), half) for r, f in zip(real_f, fake_f))
 
     def online(kind: str, lr: float, betas, rows_per_side: int, level: int) -> float:
         torch.manual_seed(a.seed)

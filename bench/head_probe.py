@@ -149,7 +149,7 @@ def pooled(encoder, x0, xc, uncond, t, sampler, views, batch):
     import torch
 
     from trainer.conditioning import expand, rows
-    from trainer.discriminator import encoder_features
+    from trainer.discriminator import channel_stats, encoder_features
 
     out = []
     with torch.no_grad():
@@ -157,7 +157,7 @@ def pooled(encoder, x0, xc, uncond, t, sampler, views, batch):
             sl = slice(i, min(len(x0), i + batch))
             f = encoder_features(encoder, x0[sl], t, rows(xc, sl), expand(uncond, len(x0[sl])), {"global_cond"},
                                  sampler.alphas_cumprod, views.rows(sl))["global_cond"]
-            out.append([torch.cat([v.mean(dim=(2, 3)), v.std(dim=(2, 3))], 1).float() for v in f])
+            out.append([channel_stats(v) for v in f])
     return [torch.cat(level) for level in zip(*out)]
 
 

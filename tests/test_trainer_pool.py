@@ -200,8 +200,8 @@ def test_a_head_without_norm_learns_an_image_wide_scale_difference_the_groupnorm
 def test_a_stats_head_learns_a_per_channel_shift_and_only_its_own_updates_move_its_running_statistics():
     """nitro.pool.head_kind=stats: reals whose channel 3 sits 0.5 higher than the fakes', under pixel noise of std 1
     (the best possible AUC on 8x8 maps is 0.998). Within 150 updates the stats head gives one verdict per image and
-    separates fresh rows; its running statistics move on the heads' updates
-    (learn=True) and never on the generator's look, and a refresh re-draws its weights but keeps them."""
+    separates fresh rows; its running statistics move on the heads' updates (learn=True) and never on the
+    generator's look, and a refresh re-draws its weights but keeps them."""
     from trainer.discriminator import HeadPool, StatsHead
 
     torch.manual_seed(0)

@@ -118,8 +118,9 @@ class Head(nn.Module):
         layers.append(nn.Conv2d(ch, 1, 1))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # (B, 1, h, w) logit map
+    def forward(self, x: torch.Tensor, learn: bool = False) -> torch.Tensor:
+        """(B, 1, h, w) logit map. `learn` is the pool's flag for stats heads; a patch head keeps no statistics."""
+        return self.net(x.to(self.net[0].weight.dtype))
 
     @torch.no_grad()
     def reinit(self, gen: torch.Generator) -> None:
@@ -133,6 +134,12 @@ class Head(nn.Module):
             elif isinstance(m, nn.GroupNorm):
                 m.weight.fill_(1.0)
                 m.bias.zero_()
+
+
+def channel_stats(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, 2C): each channel's mean and std over the map (a one-pixel map's std is 0)."""
+    x = x.float()
+    return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3), correction=0)], dim=1)
 
 
 class StatsHead(nn.Module):
@@ -152,8 +159,7 @@ class StatsHead(nn.Module):
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor, learn: bool = False) -> torch.Tensor:
-        x = x.float()
-        stats = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3), correction=0)], dim=1)  # one-pixel maps: std 0
+        stats = channel_stats(x)
         if learn:
             with torch.no_grad():
                 m = 1.0 if self.seen == 0 else self.momentum  # the first batch sets the scale outright
@@ -241,11 +247,7 @@ class HeadPool(nn.Module):
         out = {}
         for i in heads:
             head, (_, level, task) = self.heads[i], self.slot_of(i)
-            x = feats[task][level]
-            if isinstance(head, StatsHead):
-                out[i] = head(x, learn=learn)
-            else:
-                out[i] = head(x.to(head.net[0].weight.dtype))
+            out[i] = head(feats[task][level], learn=learn)
         return out
 
 

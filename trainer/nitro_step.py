@@ -233,9 +233,11 @@ def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch | DiscBatch
     and fake rows in one batch, so each head runs once per micro-batch. Returns the mean loss and the heads'
     accuracy on reals and on fakes (before this update: what the heads knew when they judged)."""
     acc = nets.accelerator
+    batch = batch.disc() if isinstance(batch, Batch) else batch
     parts = micro_slices(len(batch), micro)
     # replayed rows (nitro.pool.replay) train the heads but are not counted: the heads have judged them before
-    fresh = [sl.stop <= (getattr(batch, "fresh", None) or len(batch)) for sl in parts]
+    own = len(batch) if batch.fresh is None else batch.fresh
+    fresh = [sl.stop <= own for sl in parts]
     cond_heads = [h for h in plan.heads if nets.raw_pool.slot_of(h)[2] in COND_TASKS]
     mismatch = c.pool.mismatch > 0 and bool(cond_heads)
     total, acc_real, acc_fake, acc_mis = 0.0, 0.0, 0.0, 0.0

@@ -127,8 +127,7 @@ class NitroJob(StageJob):
         target, prompts = pairs.x0, pairs.prompts
         noise = pairs.noise.to(dev) if c.reg_weight else torch.randn(target.shape, generator=gen).to(dev)
         if self.reals is not None:
-            pick = torch.randint(len(self.reals["prompts"]), (b,), generator=gen)
-            real, real_prompts = self.reals["x0"][pick], [self.reals["prompts"][i] for i in pick.tolist()]
+            real, real_prompts = self.dataset_rows(gen, b)
         else:
             real, real_prompts = target, prompts
         text = self.frozen.text
@@ -138,11 +137,16 @@ class NitroJob(StageJob):
                       *draw_noises(gen, tuple(noise.shape), plan, c))
         return plan, batch
 
+    def dataset_rows(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+        """n dataset latents and their prompts (nitro.real=data), drawn with replacement."""
+        pick = torch.randint(len(self.reals["prompts"]), (n,), generator=gen)
+        return self.reals["x0"][pick], [self.reals["prompts"][i] for i in pick.tolist()]
+
     def more_reals(self, gen: torch.Generator, n: int):
         """n more of what the heads call real, with their conditioning (nitro.pool.replay's extra rows)."""
         if self.reals is not None:
-            pick = torch.randint(len(self.reals["prompts"]), (n,), generator=gen)
-            return self.reals["x0"][pick], self.frozen.text([self.reals["prompts"][i] for i in pick.tolist()])
+            x0, prompts = self.dataset_rows(gen, n)
+            return x0, self.frozen.text(prompts)
         pairs = cache_batch(self.cache, gen, n)
         return pairs.x0, conditioning_of(pairs, self.frozen.text, self.acc.device)
 
