@@ -5,6 +5,9 @@ intervals can still be told apart from noise), and the same for shapes-FID where
 (eval/<row>.feats.npy, eval/reference_<split>.feats.npy). Reads each work folder's eval/<row>.json; run
 `nitrofusion eval --work W --model W/model --no-ablations --images N` on each first.
 
+`--by-fill` adds where the misses are: each row's alignment per object size and fill, with its interval. On the
+shapes16 models nearly every miss is a small striped or checkered object (docs/training.md, round 10).
+
     python bench/compare_runs.py --ref control=/work/runs/ctrl --run mismatch=/work/runs/mm --run plain=/work/runs/p
 """
 
@@ -33,8 +36,47 @@ def load_rows(work: Path) -> dict[str, dict]:
         feats, ref = f.with_suffix(".feats.npy"), work / "eval" / f"reference_{d['key']['row'].get('split')}.feats.npy"
         if feats.is_file() and ref.is_file():
             r["features"], r["reference"] = np.load(feats), np.load(ref)
+        r["split"] = d["key"]["row"].get("split", "train")
         out[d["key"]["row"]["name"]] = r
     return out
+
+
+CELLS = [(size, fill) for size in ("small", "large") for fill in ("solid", "striped", "checkered")]
+
+
+def eval_attributes(work: Path, split: str, n: int) -> list:
+    """The attributes of the first n prompts `nitrofusion eval` scored on `split`, from the work folder's config."""
+    from trainer.config import TrainConfig
+    from trainer.evaluate import EVAL_OFFSET, dataset
+
+    cfg_file = next((work / s / "train_config.json" for s in ("nitro", "init", "teacher")
+                     if (work / s / "train_config.json").is_file()), None)
+    if cfg_file is None:
+        raise SystemExit(f"compare_runs: error: {work} holds no train_config.json: --by-fill needs the run's config")
+    data = dataset(TrainConfig.load(cfg_file), split)
+    return [data.attributes(EVAL_OFFSET + i)[0] for i in range(n)]
+
+
+def fill_table(runs: list[tuple[str, Path]], attributes=eval_attributes) -> list[str]:
+    """Alignment per (size, fill) cell for every row that kept per-image hits. `attributes(work, split, n)`: the
+    prompts' attributes in the eval's order."""
+    from trainer.eval_stats import cell, proportion_ci
+
+    lines = ["| variant | row | " + " | ".join(f"{size} {fill}" for size, fill in CELLS) + " |",
+             "|---|---|" + "---|" * len(CELLS)]
+    for name, work in runs:
+        rows = load_rows(work)
+        for row in [*sorted(n for n in rows if n.startswith("teacher")), *ROWS]:
+            r = rows.get(row)
+            if r is None or not r.get("hits"):
+                continue
+            attrs = attributes(work, r["split"], len(r["hits"]))
+            cells = []
+            for size, fill in CELLS:
+                hits = [h for h, a in zip(r["hits"], attrs) if a.size == size and a.fill == fill]
+                cells.append(cell(sum(hits) / len(hits), proportion_ci(hits), 100, unit="%") if hits else "")
+            lines.append(f"| {name} | {row} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def fid_difference(r: dict, base: dict) -> str:
@@ -88,12 +130,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ref", required=True, help="NAME=WORK_DIR: the reference variant (e.g. the control)")
     p.add_argument("--run", action="append", default=[], help="NAME=WORK_DIR, repeatable")
+    p.add_argument("--by-fill", action="store_true", help="also each row's alignment per object size and fill")
     a = p.parse_args(argv)
     ref, runs = named([a.ref])[0], named(a.run)
     for _, w in [ref, *runs]:
         if not (w / "eval").is_dir():
             raise SystemExit(f"compare_runs: error: {w}/eval does not exist: run nitrofusion eval on it first")
     print("\n".join(table(ref, runs)))
+    if a.by_fill:
+        print()
+        print("\n".join(fill_table([ref, *runs])))
     return 0
 
 

@@ -196,3 +196,36 @@ def test_pick_run_prefers_alignment_then_fid_and_refuses_a_folder_without_a_mode
     assert mod.pick(scores, alignment_slack=10.0) == "c"
     assert mod.main(["--run", f"x={tmp_path}"]) == 2
     assert "exported model" in capsys.readouterr().err
+
+
+def test_compare_runs_by_fill_splits_each_rows_hits_by_object_size_and_fill(tmp_path):
+    """bench/compare_runs.py --by-fill: each row's alignment per (size, fill) cell, from its per-image hits and the
+    prompts' attributes in the eval's order; a cell whose images all miss reads 0.0%, the teacher row comes first,
+    and a folder without a config is a clear error."""
+    import json
+
+    from trainer.shapes import Attributes
+
+    attrs = [Attributes(size=("small", "large")[i % 2], colour="red", fill=("solid", "striped", "checkered")[i % 3],
+                        shape="circle", position="center", background="blue") for i in range(60)]
+    hits = [not (a.size == "small" and a.fill == "striped") and i % 10 != 3 for i, a in enumerate(attrs)]
+    (tmp_path / "eval").mkdir()
+    for name in ("NitroFusion 1 step", "teacher (25 steps, guidance 3)"):
+        result = {"alignment": float(np.mean(hits)), "alignment_ci": None, "fid": 40.0, "fid_ci": None,
+                  "hits": hits}
+        (tmp_path / "eval" / f"{name}.json").write_text(
+            json.dumps({"key": {"row": {"name": name, "split": "train"}}, "result": result}))
+    mod = load_script("bench/compare_runs.py")
+    seen = []
+    lines = mod.fill_table([("a", tmp_path)], attributes=lambda w, split, n: seen.append((split, n)) or attrs)
+    assert seen == [("train", 60)] * 2
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[2:] == ["small solid", "small striped", "small checkered", "large solid", "large striped",
+                          "large checkered"]
+    assert lines[2].startswith("| a | teacher") and lines[3].startswith("| a | NitroFusion 1 step")
+    cells = [c.strip() for c in lines[3].strip("|").split("|")][2:]
+    expected = {(s, f): np.mean([h for h, a in zip(hits, attrs) if (a.size, a.fill) == (s, f)]) for s, f in mod.CELLS}
+    assert [float(c.split("%")[0]) for c in cells] == pytest.approx([100 * expected[c] for c in mod.CELLS], abs=0.05)
+    assert cells[1].startswith("0.0%")
+    with pytest.raises(SystemExit, match="train_config.json"):
+        mod.eval_attributes(tmp_path, "train", 4)

@@ -82,6 +82,8 @@ def _shapes16() -> TrainConfig:
     # 2-core CPU: the whole recipe about 85, estimated (BENCHMARKS.md; docs/training.md, rounds 5 and 6).
     cfg.teacher.optim = replace(cfg.teacher.optim, steps=13000, decay_steps=1000)
     cfg.cache = CacheConfig(num_pairs=8192)
+    # Measured since, not yet adopted (docs/training.md round 10): 6,000 steps with the last 1,000 decaying, +2.9
+    # points at 1 step for the same stage 3 (paired, round 7's base). It lands with a bundled model remade over it.
     cfg.init = InitConfig(optim=OptimConfig(steps=3000, batch_size=32, lr=1e-4, warmup=20))
     # seed 1: of the stage-3 seeds from the same init, the one bench/pick_run.py chose on 1,000 validation images
     # that `nitrofusion eval` never uses. reg_multistep "teacher": k-step iterations anchored to the teacher's own
