@@ -47,21 +47,21 @@ CELLS = [(size, fill) for size in ("small", "large") for fill in ("solid", "stri
 def eval_attributes(work: Path, split: str, n: int) -> list:
     """The attributes of the first n prompts `nitrofusion eval` scored on `split`, from the work folder's config."""
     from trainer.config import TrainConfig
-    from trainer.evaluate import EVAL_OFFSET, dataset
+    from trainer.evaluate import eval_attributes as attributes_of
+    from trainer.evaluate import run_config_file
 
-    cfg_file = next((work / s / "train_config.json" for s in ("nitro", "init", "teacher")
-                     if (work / s / "train_config.json").is_file()), None)
+    cfg_file = run_config_file(work)
     if cfg_file is None:
         raise SystemExit(f"compare_runs: error: {work} holds no train_config.json: --by-fill needs the run's config")
-    data = dataset(TrainConfig.load(cfg_file), split)
-    return [data.attributes(EVAL_OFFSET + i)[0] for i in range(n)]
+    return attributes_of(TrainConfig.load(cfg_file), split, n)
 
 
 def fill_table(runs: list[tuple[str, Path]], attributes=eval_attributes) -> list[str]:
     """Alignment per (size, fill) cell for every row that kept per-image hits. `attributes(work, split, n)`: the
-    prompts' attributes in the eval's order."""
+    prompts' attributes in the eval's order (drawn once per folder, split and count)."""
     from trainer.eval_stats import cell, proportion_ci
 
+    drawn: dict[tuple[Path, str, int], list] = {}
     lines = ["| variant | row | " + " | ".join(f"{size} {fill}" for size, fill in CELLS) + " |",
              "|---|---|" + "---|" * len(CELLS)]
     for name, work in runs:
@@ -70,10 +70,12 @@ def fill_table(runs: list[tuple[str, Path]], attributes=eval_attributes) -> list
             r = rows.get(row)
             if r is None or not r.get("hits"):
                 continue
-            attrs = attributes(work, r["split"], len(r["hits"]))
+            key = (work, r["split"], len(r["hits"]))
+            if key not in drawn:
+                drawn[key] = attributes(*key)
             cells = []
             for size, fill in CELLS:
-                hits = [h for h, a in zip(r["hits"], attrs) if a.size == size and a.fill == fill]
+                hits = [h for h, a in zip(r["hits"], drawn[key]) if a.size == size and a.fill == fill]
                 cells.append(cell(sum(hits) / len(hits), proportion_ci(hits), 100, unit="%") if hits else "")
             lines.append(f"| {name} | {row} | " + " | ".join(cells) + " |")
     return lines

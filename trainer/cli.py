@@ -145,11 +145,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 def eval_command(args: argparse.Namespace) -> int:
     from nitrofusion.errors import NitroError
 
-    work = Path(args.work)
-    cfg_file = next((work / s / "train_config.json" for s in ("nitro", "init", "teacher")
-                     if (work / s / "train_config.json").is_file()), None)
+    from .evaluate import run_config_file
+
     if args.images < 2:
         raise NitroError("--images must be at least 2 (FID needs a covariance)")
+    work = Path(args.work)
+    cfg_file = run_config_file(work)
     if cfg_file is None and not args.train_features:
         raise NitroError(f"{work} holds no trained stages: run `nitrofusion train --recipe {BUNDLED_RECIPE}` first")
     from nitrofusion.models import quiet_libraries

@@ -112,12 +112,23 @@ def dataset(cfg: TrainConfig, split: str) -> ShapesDataset:
     return ShapesDataset(cfg.data.image_size, cfg.data.seed, split, cfg.data.heldout_fraction)
 
 
+def run_config_file(work: Path) -> Path | None:
+    """The config a training work folder ran with: its latest stage's train_config.json (None: no trained stage)."""
+    return next((work / s / "train_config.json" for s in ("nitro", "init", "teacher")
+                 if (work / s / "train_config.json").is_file()), None)
+
+
+def eval_attributes(cfg: TrainConfig, split: str, n: int, offset: int = EVAL_OFFSET) -> list[Attributes]:
+    """The attributes of the first n eval prompts of `split`, in the order every row scores them."""
+    data = dataset(cfg, split)
+    return [data.attributes(offset + i)[0] for i in range(n)]
+
+
 def eval_set(cfg: TrainConfig, split: str, n: int, offset: int = EVAL_OFFSET,
              seed0: int = SEED0) -> tuple[list[str], list[Attributes], torch.Tensor]:
     """Prompts, their attributes and one fixed noise tensor per image (seeded by the image's index). `offset`,
     `seed0`: VAL_OFFSET, VAL_SEED0 for the validation set."""
-    data = dataset(cfg, split)
-    attrs = [data.attributes(offset + i)[0] for i in range(n)]
+    attrs = eval_attributes(cfg, split, n, offset)
     latent = cfg.data.image_size // cfg.autoencoder.scale_factor
     noise = torch.stack([torch.randn((cfg.autoencoder.latent_channels, latent, latent),
                                      generator=torch.Generator().manual_seed(seed0 + i)) for i in range(n)])
