@@ -368,8 +368,9 @@ def test_shapes16_recipe_is_4x_down_and_its_parts_agree(tmp_path):
     u = cfg.teacher.unet
     assert len(u.cross_attn) == len(u.block_out_channels) and all(c % u.norm_num_groups == 0 for c in u.block_out_channels)
     assert cfg.teacher.offset_noise > 0 and cfg.teacher.min_snr_gamma > 0
-    # round 2 (docs/training.md): a bigger cache, a longer init, the local unconditional heads at a third
-    assert cfg.cache.num_pairs == 8192 and cfg.init.optim.steps == 3000
+    # round 2 (docs/training.md): a bigger cache, a longer init, the local unconditional heads at a third; round 11:
+    # the init twice as long again, its last 1,000 steps decaying
+    assert cfg.cache.num_pairs == 8192 and (cfg.init.optim.steps, cfg.init.optim.decay_steps) == (6000, 1000)
     assert cfg.nitro.pool.tasks == ("local_uncond",) and cfg.nitro.adv_weight == 0.33
     shapes = recipe("shapes")
     assert shapes.autoencoder.scale_factor == 8 and shapes.teacher.offset_noise == 0 and shapes.nitro.disc_steps == 1
