@@ -62,8 +62,8 @@ def _shapes16() -> TrainConfig:
       dataset latents vs the student's outputs, 0.70 / 0.80 accuracy against 0.52 / 0.66). Those figures judged the
       batch after the heads had trained on it 3 times; shown fresh latents, the heads rank the student's and the
       dataset's no better than chance (AUC 0.51-0.52, bench/head_probe.py, docs/training.md round 8);
-    - a cache of 8192 teacher samples and a one-step init of 3000 steps (from 1024 and 600): the init's 1-step
-      alignment rose to 78.4% (teacher 83.8%, 2,000 images); since round 11, 6000 steps with a decaying tail;
+    - a cache of 8192 teacher samples (from 1024) and a 3000-step one-step init (from 600): the init's 1-step
+      alignment rose to 78.4% (teacher 83.8%, 2,000 images); 6000 steps with a decaying tail since round 11;
     - stage 3 with the local unconditional heads only, at a third of the adversarial weight: from that init the
       recipe's full pool took the 1-step student to 31.2% (control 73.0%, 400 images); these heads keep the
       control's 1-step figure and lift 4 steps by 11-13 points (docs/training.md, rounds 2 and 3: three seeds).
@@ -84,7 +84,7 @@ def _shapes16() -> TrainConfig:
     cfg.cache = CacheConfig(num_pairs=8192)
     # 6,000 steps, the last 1,000 with the lr decaying to 0, not 3,000 at a constant lr: +2.9 [+1.6, +4.1] points at
     # 1 step for the init, +2.9 [+1.7, +4.2] for the control's stage 3 over it, shapes-FID -1.24 (paired, round 7's
-    # base, 2,000 images); about 10 minutes more on a 2-core CPU (docs/training.md, rounds 10 and 11).
+    # base, 2,000 images); 8-10 minutes more on a 2-core CPU (BENCHMARKS.md; docs/training.md, rounds 10 and 11).
     cfg.init = InitConfig(optim=OptimConfig(steps=6000, batch_size=32, lr=1e-4, warmup=20, decay_steps=1000))
     # seed 1: of the stage-3 seeds from the same init, the one bench/pick_run.py chose on 1,000 validation images
     # that `nitrofusion eval` never uses. reg_multistep "teacher": k-step iterations anchored to the teacher's own
