@@ -41,9 +41,6 @@ def load_rows(work: Path) -> dict[str, dict]:
     return out
 
 
-CELLS = [(size, fill) for size in ("small", "large") for fill in ("solid", "striped", "checkered")]
-
-
 def eval_attributes(work: Path, split: str, n: int) -> list:
     """The attributes of the first n prompts `nitrofusion eval` scored on `split`, from the work folder's config."""
     from trainer.config import TrainConfig
@@ -59,11 +56,11 @@ def eval_attributes(work: Path, split: str, n: int) -> list:
 def fill_table(runs: list[tuple[str, Path]], attributes=eval_attributes) -> list[str]:
     """Alignment per (size, fill) cell for every row that kept per-image hits. `attributes(work, split, n)`: the
     prompts' attributes in the eval's order (drawn once per folder, split and count)."""
-    from trainer.eval_stats import cell, proportion_ci
+    from trainer.eval_stats import FILL_CELLS, fill_cells
 
     drawn: dict[tuple[Path, str, int], list] = {}
-    lines = ["| variant | row | " + " | ".join(f"{size} {fill}" for size, fill in CELLS) + " |",
-             "|---|---|" + "---|" * len(CELLS)]
+    lines = ["| variant | row | " + " | ".join(f"{size} {fill}" for size, fill in FILL_CELLS) + " |",
+             "|---|---|" + "---|" * len(FILL_CELLS)]
     for name, work in runs:
         rows = load_rows(work)
         for row in [*sorted(n for n in rows if n.startswith("teacher")), *ROWS]:
@@ -73,11 +70,7 @@ def fill_table(runs: list[tuple[str, Path]], attributes=eval_attributes) -> list
             key = (work, r["split"], len(r["hits"]))
             if key not in drawn:
                 drawn[key] = attributes(*key)
-            cells = []
-            for size, fill in CELLS:
-                hits = [h for h, a in zip(r["hits"], drawn[key]) if a.size == size and a.fill == fill]
-                cells.append(cell(sum(hits) / len(hits), proportion_ci(hits), 100, unit="%") if hits else "")
-            lines.append(f"| {name} | {row} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {row} | " + " | ".join(fill_cells(r["hits"], drawn[key])) + " |")
     return lines
 
 

@@ -6,6 +6,11 @@ as `nitrofusion eval`'s teacher row, each figure with its 95% bootstrap interval
     python bench/teacher_guidance.py --work W --images 200 --guidance 3 5 --steps 10 25
     python bench/teacher_guidance.py --work W --guidance 3 --unet teacher/unet_raw teacher/unet  # EMA vs raw, paired
     python bench/teacher_guidance.py --work W --guidance 3 --images 1000 --validation --unet A B  # choose a teacher
+    python bench/teacher_guidance.py --work W --guidance 3 --images 2000 --unet /other/run/teacher/unet teacher/unet \
+        --by-fill                          # paired against another run's teacher, and per object size and fill
+
+`--unet` folders are relative to --work or absolute; teachers from other runs must share its autoencoder and text
+encoder (the latents and prompt embeddings are --work's).
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ def main(argv=None) -> int:
     p.add_argument("--unet", nargs="+", default=["teacher/unet"],
                    help="teacher UNet folders, relative to --work (e.g. teacher/unet_raw teacher/unet: an EMA teacher's "
                         "trained weights and its average); rows after the first get their paired difference to it")
+    p.add_argument("--by-fill", action="store_true",
+                   help="also each row's alignment per object size and fill (where the shapes16 teachers miss)")
     a = p.parse_args(argv)
 
     from nitrofusion.models import quiet_libraries
     from trainer.config import TrainConfig
-    from trainer.eval_stats import cell, paired_difference_ci
+    from trainer.eval_stats import FILL_CELLS, cell, fill_cells, paired_difference_ci
     from trainer.evaluate import VAL_OFFSET, VAL_REAL_OFFSET, VAL_SEED0, Row, eval_set, generate, real_images, score
     from trainer.features import extract, load_feature_net
     from trainer.recipe import frozen_dirs
@@ -56,6 +63,7 @@ def main(argv=None) -> int:
           f"{'validation ' if a.validation else ''}prompts")
     print("| guidance | steps | unet | alignment | vs the first row (paired) | shapes-FID | s |\n|---|---|---|---|---|---|---|")
     first = None
+    by_fill = []
     for steps in a.steps:
         for g in a.guidance:
             for unet in a.unet:
@@ -72,6 +80,11 @@ def main(argv=None) -> int:
                     diff = f"{(r.alignment - first.alignment) * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
                 print(f"| {g:g} | {steps} | {unet} | {cell(r.alignment, r.alignment_ci, 100, unit='%')} | {diff} | "
                       f"{cell(r.fid, r.fid_ci, fmt='.2f')} | {time.monotonic() - t0:.0f} |", flush=True)
+                by_fill.append(f"| {g:g} | {steps} | {unet} | " + " | ".join(fill_cells(r.hits, attrs)) + " |")
+    if a.by_fill:
+        print("\n| guidance | steps | unet | " + " | ".join(f"{size} {fill}" for size, fill in FILL_CELLS) + " |")
+        print("|---|---|---|" + "---|" * len(FILL_CELLS))
+        print("\n".join(by_fill))
     return 0
 
 

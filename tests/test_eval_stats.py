@@ -224,8 +224,10 @@ def test_compare_runs_by_fill_splits_each_rows_hits_by_object_size_and_fill(tmp_
                           "large checkered"]
     assert lines[2].startswith("| a | teacher") and lines[3].startswith("| a | NitroFusion 1 step")
     cells = [c.strip() for c in lines[3].strip("|").split("|")][2:]
-    expected = {(s, f): np.mean([h for h, a in zip(hits, attrs) if (a.size, a.fill) == (s, f)]) for s, f in mod.CELLS}
-    assert [float(c.split("%")[0]) for c in cells] == pytest.approx([100 * expected[c] for c in mod.CELLS], abs=0.05)
+    from trainer.eval_stats import FILL_CELLS
+
+    expected = {(s, f): np.mean([h for h, a in zip(hits, attrs) if (a.size, a.fill) == (s, f)]) for s, f in FILL_CELLS}
+    assert [float(c.split("%")[0]) for c in cells] == pytest.approx([100 * expected[c] for c in FILL_CELLS], abs=0.05)
     assert cells[1].startswith("0.0%")
     with pytest.raises(SystemExit, match="train_config.json"):
         mod.eval_attributes(tmp_path, "train", 4)

@@ -309,6 +309,14 @@ def test_a_4x_down_autoencoder_runs_every_stage_and_exports_its_latent_side(tmp_
         apply_overrides(recipe("tiny"), ["autoencoder.block_out_channels=[8,8,8]", "autoencoder.crop_size=18"])
 
 
+def eval_set_of(work, n):
+    """The eval set's first n prompts, attributes and noise for a run's teacher config."""
+    from trainer.config import TrainConfig
+    from trainer.evaluate import eval_set
+
+    return eval_set(TrainConfig.load(work / "teacher" / "train_config.json"), "train", n)
+
+
 def test_pool_probe_and_teacher_guidance_benches_run_on_a_trained_work_dir(tiny_run, tmp_path, capsys):
     """bench/pool_probe.py trains each variant from the run's init and reports the heads' accuracy from its
     metrics.csv; bench/teacher_guidance.py scores the teacher at each guidance scale (issue 15's measurements)."""
@@ -328,16 +336,28 @@ def test_pool_probe_and_teacher_guidance_benches_run_on_a_trained_work_dir(tiny_
         ["--work", str(tmp_path), "--images", "4", "--guidance", "1", "3", "--steps", "2"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "%" in line]
     assert [line.split(" | ")[0] for line in table] == ["| 1", "| 3"]
-    # --unet scores another teacher folder (an EMA teacher's raw weights); a folder that is not there fails
+    # --unet scores another teacher folder (an EMA teacher's raw weights, or another run's teacher by its absolute
+    # path); --by-fill adds each row's alignment per object size and fill; a folder that is not there fails
     shutil.copytree(tmp_path / "teacher" / "unet", tmp_path / "teacher" / "unet_raw")
+    other = str(tmp_path / "teacher" / "unet_raw")
     assert load_script("bench/teacher_guidance.py").main(
         ["--work", str(tmp_path), "--images", "4", "--guidance", "3", "--steps", "2", "--unet", "teacher/unet",
-         "teacher/unet_raw"]) == 0
+         other, "--by-fill"]) == 0
     out = capsys.readouterr().out
-    assert "teacher/unet_raw, 4 train prompts" in out
+    assert f"{other}, 4 train prompts" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 3 |")]
-    assert [r[2] for r in rows] == ["teacher/unet", "teacher/unet_raw"]
+    assert [r[2] for r in rows] == ["teacher/unet", other] * 2  # the main table, then the by-fill one
     assert rows[0][4] == "" and rows[1][4].startswith("+0.0 [")  # the same weights: no difference, paired
+    header = next(line for line in out.splitlines() if "small striped" in line)
+    assert header.startswith("| guidance | steps | unet | small solid | small striped |")
+    from trainer.eval_stats import FILL_CELLS
+
+    _, attrs, _ = eval_set_of(tmp_path, 4)
+    filled = [any(a.size == s and a.fill == f for a in attrs) for s, f in FILL_CELLS]
+    fill_rows = [[c.strip() for c in line.strip().strip("|").split("|")][3:]
+                 for line in out.splitlines()[out.splitlines().index(header):] if line.startswith("| 3 |")]
+    assert len(fill_rows) == 2 and fill_rows[0] == fill_rows[1]  # the same weights and images: the same cells
+    assert [c != "" for c in fill_rows[0]] == filled and all(c.endswith("]") for c in fill_rows[0] if c)
     # --validation: the validation prompts, noise and reals (trainer.evaluate.VAL_*), not the eval set's, so the same
     # teacher gets another FID than on the eval set above
     assert load_script("bench/teacher_guidance.py").main(

@@ -114,6 +114,21 @@ def paired_fid_difference_ci(gen_a: np.ndarray, gen_b: np.ndarray, real: np.ndar
     return _bounds(out - (out.mean() - full), level)
 
 
+# The eval set's object cells: on the shapes16 models nearly every miss is a small striped or checkered object
+# (docs/training.md, round 10), so comparisons split alignment by these.
+FILL_CELLS = [(size, fill) for size in ("small", "large") for fill in ("solid", "striped", "checkered")]
+
+
+def fill_cells(hits, attrs) -> list[str]:
+    """Alignment per cell, in FILL_CELLS' order, as table cells with their 95% intervals:
+    `hits[i]` is image i's pass, `attrs[i]` its prompt's Attributes (size, fill); an empty cell reads ''."""
+    out = []
+    for size, fill in FILL_CELLS:
+        sub = [h for h, a in zip(hits, attrs, strict=True) if a.size == size and a.fill == fill]
+        out.append(cell(sum(sub) / len(sub), proportion_ci(sub), 100, unit="%") if sub else "")
+    return out
+
+
 def cell(value: float, ci, scale: float = 1.0, fmt: str = ".1f", unit: str = "") -> str:
     """`63.0% [60.9, 65.1]`: the value, then its interval when there is one."""
     text = f"{value * scale:{fmt}}{unit}"
@@ -122,4 +137,4 @@ def cell(value: float, ci, scale: float = 1.0, fmt: str = ".1f", unit: str = "")
     return f"{text} [{ci[0] * scale:{fmt}}, {ci[1] * scale:{fmt}}]"
 
 
-__all__ = ["RESAMPLES", "cell", "fid_ci", "paired_difference_ci", "paired_fid_difference_ci", "proportion_ci"]
+__all__ = ["FILL_CELLS", "RESAMPLES", "cell", "fid_ci", "fill_cells", "paired_difference_ci", "paired_fid_difference_ci", "proportion_ci"]
