@@ -57,7 +57,9 @@ def _shapes16() -> TrainConfig:
     - UNet (16, 32, 64, 128), cross-attention at 4x4 and 2x2: a training step costs 0.98x the 8x8 UNet's;
     - teacher trained with offset noise 0.1 and Min-SNR (gamma 5): without offset noise the 16x16 teacher drew the
       wrong background 80% of the time (alignment 8-10%, with or without Min-SNR); with both, 84.0% at 25 steps,
-      guidance 3, against 63.0% for the 8x8 teacher (the same 400 eval prompts);
+      guidance 3, against 63.0% for the 8x8 teacher (the same 400 eval prompts). At 13,000 steps plain epsilon MSE
+      with offset noise scored 2.6 points under gamma 5 on 1,000 validation prompts, -2.4 [-4.0, -0.8] on the eval
+      set, worse on the patterned objects too (docs/training.md, round 12);
     - stage 3 with 4 discriminator updates per iteration and 0.1% refresh (bench/pool_probe.py: the heads learn
       dataset latents vs the student's outputs, 0.70 / 0.80 accuracy against 0.52 / 0.66). Those figures judged the
       batch after the heads had trained on it 3 times; shown fresh latents, the heads rank the student's and the
