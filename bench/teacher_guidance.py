@@ -80,7 +80,8 @@ def main(argv=None) -> int:
                     diff = f"{(r.alignment - first.alignment) * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]"
                 print(f"| {g:g} | {steps} | {unet} | {cell(r.alignment, r.alignment_ci, 100, unit='%')} | {diff} | "
                       f"{cell(r.fid, r.fid_ci, fmt='.2f')} | {time.monotonic() - t0:.0f} |", flush=True)
-                by_fill.append(f"| {g:g} | {steps} | {unet} | " + " | ".join(fill_cells(r.hits, attrs)) + " |")
+                if a.by_fill:  # each cell's bootstrap only when asked
+                    by_fill.append(f"| {g:g} | {steps} | {unet} | " + " | ".join(fill_cells(r.hits, attrs)) + " |")
     if a.by_fill:
         print("\n| guidance | steps | unet | " + " | ".join(f"{size} {fill}" for size, fill in FILL_CELLS) + " |")
         print("|---|---|---|" + "---|" * len(FILL_CELLS))

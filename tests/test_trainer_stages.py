@@ -309,14 +309,6 @@ def test_a_4x_down_autoencoder_runs_every_stage_and_exports_its_latent_side(tmp_
         apply_overrides(recipe("tiny"), ["autoencoder.block_out_channels=[8,8,8]", "autoencoder.crop_size=18"])
 
 
-def eval_set_of(work, n):
-    """The eval set's first n prompts, attributes and noise for a run's teacher config."""
-    from trainer.config import TrainConfig
-    from trainer.evaluate import eval_set
-
-    return eval_set(TrainConfig.load(work / "teacher" / "train_config.json"), "train", n)
-
-
 def test_pool_probe_and_teacher_guidance_benches_run_on_a_trained_work_dir(tiny_run, tmp_path, capsys):
     """bench/pool_probe.py trains each variant from the run's init and reports the heads' accuracy from its
     metrics.csv; bench/teacher_guidance.py scores the teacher at each guidance scale (issue 15's measurements)."""
@@ -351,8 +343,9 @@ def test_pool_probe_and_teacher_guidance_benches_run_on_a_trained_work_dir(tiny_
     header = next(line for line in out.splitlines() if "small striped" in line)
     assert header.startswith("| guidance | steps | unet | small solid | small striped |")
     from trainer.eval_stats import FILL_CELLS
+    from trainer.evaluate import eval_set
 
-    _, attrs, _ = eval_set_of(tmp_path, 4)
+    _, attrs, _ = eval_set(TrainConfig.load(tmp_path / "teacher" / "train_config.json"), "train", 4)
     filled = [any(a.size == s and a.fill == f for a in attrs) for s, f in FILL_CELLS]
     fill_rows = [[c.strip() for c in line.strip().strip("|").split("|")][3:]
                  for line in out.splitlines()[out.splitlines().index(header):] if line.startswith("| 3 |")]
@@ -366,7 +359,6 @@ def test_pool_probe_and_teacher_guidance_benches_run_on_a_trained_work_dir(tiny_
     assert "4 train validation prompts" in out
     (val_row,) = [line.split(" | ") for line in out.splitlines() if line.startswith("| 3 |")]
     assert val_row[2] == "teacher/unet" and val_row[5] != rows[0][5]
-    from trainer.config import TrainConfig
     from trainer.evaluate import VAL_OFFSET, VAL_REAL_OFFSET, VAL_SEED0, eval_set, real_images
     cfg = TrainConfig.load(tmp_path / "teacher" / "train_config.json")
     val_prompts, _, val_noise = eval_set(cfg, "train", 4, offset=VAL_OFFSET, seed0=VAL_SEED0)
