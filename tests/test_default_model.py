@@ -43,7 +43,7 @@ def test_bundled_student_refines_four_steps_at_least_as_well_as_one():
     """Bottom-up refinement: the same 256 prompts and seeds at 4 steps draw at least as many prompts right as at 1
     (measured 235 vs 224; the model before this one 215 vs 203). 256, not 64: on the first 64 alone that model read
     53 vs 55 (the one before it 49 vs 54), the other way, while EVAL.md's 2,000 images gave 4 steps +4.0 points; a
-    64-image difference has a standard error of about 5 points. Today's model reads 58 vs 52 on the first 64.
+    64-image difference has a standard error of about 5 points. This model reads 58 vs 52 on the first 64.
     The bundled models before 2026-11-30's teacher-anchored k-step training lost 6-10 points at 4 steps (EVAL.md
     in git history)."""
     pipe = load_pipeline(None, device="cpu", backend="torch")
@@ -61,9 +61,9 @@ def test_bundled_model_was_trained_by_the_documented_recipe():
 
 
 def test_bundled_autoencoder_reconstructions_pass_the_detector_even_small_checkered_ones():
-    """bench/autoencoder_recon.py on 60 images: the README's ceiling figure (98.5% on 400) comes from it. Measured
-    59/60 and 9/10 small checkered objects; the earlier 8x8 model's 8x-down autoencoder passed 51/60 and 4/10 small
-    checkered ones, so either bound catches a return to it."""
+    """bench/autoencoder_recon.py on 60 images: the README's ceiling figure (98.8% on 400) comes from it. Measured
+    59/60 and 9/10 small checkered objects (the autoencoder bundled before 2026-12-02 too); the earlier 8x8 model's
+    8x-down autoencoder passed 51/60 and 4/10 small checkered ones, so either bound catches a return to it."""
     hits, groups, passed = load_script("bench/autoencoder_recon.py").reconstruct(default_model_dir() / "vae", 60, 64)
     assert sum(groups.values()) == 60
     assert hits["all"] >= 57
