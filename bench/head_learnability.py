@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--updates", type=int, default=500)
     p.add_argument("--batch", type=int, default=128, help="encoder batch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-level", action="store_true",
+                   help="only the patch head at 128 rows per update, each encoder level's AUC on its own line: which "
+                        "levels carry the difference (for nitro.pool.levels)")
     a = p.parse_args(argv)
     if not (a.work / "nitro" / "unet" / "config.json").is_file():
         print(f"error: {a.work}/nitro/unet not found: --work must be a finished shapes stage-3 run", file=sys.stderr)
@@ -115,6 +118,16 @@ def main(argv=None) -> int:
             return rank_auc(head(real_f[level][half:]).mean(dim=(1, 2, 3)),
                             head(fake_f[level][half:]).mean(dim=(1, 2, 3)))
 
+    if a.per_level:
+        print(f"\nHeld-out AUC per encoder level, the run's reals ({cfg.nitro.real}) vs its 1-step student ({a.work}), "
+              f"t* {a.t_star}, whole image with the prompt, {a.updates} updates\n")
+        print("| level | channels, side | patch head, lr 1e-3, 128 rows | converged logistic regression |")
+        print("|---|---|---|---|")
+        for lvl in range(len(real_f)):
+            auc = online("patch", 1e-3, (0.0, 0.99), 128, lvl)
+            lin = fit_auc(channel_stats(real_f[lvl]), channel_stats(fake_f[lvl]), half)
+            print(f"| {lvl} | {real_f[lvl].shape[1]}, {real_f[lvl].shape[-1]} | {auc:.2f} | {lin:.2f} |", flush=True)
+        return 0
     print(f"\nHeld-out AUC, the run's reals ({cfg.nitro.real}) vs its 1-step student ({a.work}), t* {a.t_star}, "
           f"whole image with the prompt, {half} + {half} rows to train on, {n - half} + {n - half} held out, "
           f"{a.updates} updates; median / best of {len(real_f)} encoder levels\n")

@@ -185,6 +185,19 @@ def test_compare_runs_pairs_each_variant_with_the_reference_row_by_row(tmp_path)
         mod.main(["--ref", str(tmp_path)])
 
 
+def test_compare_runs_pairs_fid_over_one_reference_up_to_thread_noise_only():
+    """Two evals of one reference set at 1 and 2 CPU threads differ by ~1e-5 in the features: still one reference,
+    so the FID difference is paired; a different reference set is not, and gets no difference."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(300, 8))
+    base = {"fid": 5.0, "features": rng.normal(size=(300, 8)), "reference": ref}
+    var = {"fid": 6.0, "features": base["features"] + 0.3, "reference": ref + 1e-5}
+    mod = load_script("bench/compare_runs.py")
+    assert mod.fid_difference(var, base).startswith("+1.00 [")
+    assert mod.fid_difference({**var, "reference": rng.normal(size=(300, 8))}, base) == ""
+    assert mod.fid_difference({**var, "reference": ref[:200]}, base) == ""
+
+
 def test_pick_run_prefers_alignment_then_fid_and_refuses_a_folder_without_a_model(tmp_path, capsys):
     """bench/pick_run.py's rule: the lowest FID among runs within the slack of the best alignment. A run far behind
     on alignment is not picked for its FID; inside the slack FID decides."""

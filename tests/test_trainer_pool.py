@@ -138,6 +138,18 @@ def test_ablation_switches(encoder):
     assert set(feats) == {"global_cond"}  # no encoder pass is spent on crops nobody reads
 
 
+def test_levels_keep_heads_only_at_the_named_encoder_levels(encoder):
+    pool = make_pool(encoder, levels=(1, 4), tasks=("global_cond",))
+    assert len(pool) == 4 * 2 * 1 * 3  # t* x the two named levels x one task x replicas
+    assert {pool.slot_of(h)[1] for h in pool.sample(10, torch.Generator())} == {1, 4}
+    feats = features(encoder, pool, pool.sample(10, torch.Generator()))
+    assert set(pool(feats, pool.sample(10, torch.Generator()))) == set(pool.sample(10, torch.Generator()))
+    with pytest.raises(ValueError, match="5 feature levels"):  # a CLI message, not an IndexError mid-training
+        make_pool(encoder, levels=(5,))
+    with pytest.raises(ValueError, match="distinct"):
+        PoolConfig(levels=(1, 1))
+
+
 def test_generator_gradient_flows_through_frozen_encoder_to_the_fake(encoder):
     pool = make_pool(encoder)
     heads = pool.sample(750, torch.Generator().manual_seed(0))

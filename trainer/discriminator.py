@@ -198,8 +198,12 @@ class HeadPool(nn.Module):
             self.slots = [(None, len(level_shapes) - 1, "global_cond")]
             k = 1
         else:
-            self.slots = [(t, lvl, task) for t in cfg.timesteps for lvl in range(len(level_shapes))
-                          for task in cfg.tasks]
+            bad = [lv for lv in cfg.levels if lv >= len(level_shapes)]
+            if bad:
+                raise ValueError(f"nitro.pool.levels {bad}: the encoder has {len(level_shapes)} feature levels "
+                                 f"(0 to {len(level_shapes) - 1})")
+            levels = cfg.levels or tuple(range(len(level_shapes)))
+            self.slots = [(t, lvl, task) for t in cfg.timesteps for lvl in levels for task in cfg.tasks]
             k = cfg.heads_per_slot
         self.replicas = k
         self.heads = nn.ModuleList(

@@ -213,6 +213,10 @@ class PoolConfig:
 
     timesteps: tuple[int, ...] = DISC_TIMESTEPS  # t*: each head is an expert for one
     tasks: tuple[str, ...] = TASKS  # global-only ablation: ("global_cond",); cond-only: drop local_uncond
+    # The frozen encoder's feature levels that get heads (indices, 0 = the first); empty: every level. Why: with
+    # reduce "mean" a head at a level that cannot tell the two sides apart still takes its share of the adversarial
+    # weight; bench/head_learnability.py --per-level says which levels can.
+    levels: tuple[int, ...] = ()
     # Heads per (t*, feature level, task); pool = |t*| x levels x |tasks| x this. 1 for the shapes recipe: a head
     # is trained only when its t* is drawn (1/4 of iterations) and its replica sampled (1/this), while 1% of the
     # pool is reset every iteration; with 4 replicas a head saw ~7 updates before its reset and the pool stayed
@@ -261,8 +265,11 @@ class PoolConfig:
     def __post_init__(self):
         self.timesteps = tuple(self.timesteps)
         self.tasks = tuple(self.tasks)
+        self.levels = tuple(self.levels)
         _check(all(0 <= t < 1000 for t in self.timesteps) and self.timesteps, "nitro.pool.timesteps in [0, 1000)")
         _check(bool(self.tasks) and all(t in TASKS for t in self.tasks), f"nitro.pool.tasks: choose from {TASKS}")
+        _check(all(lv >= 0 for lv in self.levels) and len(set(self.levels)) == len(self.levels),
+               "nitro.pool.levels: distinct indices >= 0 (empty: every level)")
         _check(self.heads_per_slot >= 1, "nitro.pool.heads_per_slot must be >= 1")
         _check(0 <= self.refresh_fraction < 1, "nitro.pool.refresh_fraction must be in [0, 1)")
         _check(0 < self.crop_fraction <= 1, "nitro.pool.crop_fraction must be in (0, 1]")
