@@ -380,10 +380,12 @@ def test_shapes16_recipe_is_4x_down_and_its_parts_agree(tmp_path):
     u = cfg.teacher.unet
     assert len(u.cross_attn) == len(u.block_out_channels) and all(c % u.norm_num_groups == 0 for c in u.block_out_channels)
     assert cfg.teacher.offset_noise > 0 and cfg.teacher.min_snr_gamma > 0
-    # round 2 (docs/training.md): a bigger cache, a longer init, the local unconditional heads at a third; round 11:
-    # the init twice as long again, its last 1,000 steps decaying
+    # round 2 (docs/training.md): a bigger cache, a longer init; round 11: the init twice as long again, its last
+    # 1,000 steps decaying; round 15: matching-aware whole-image heads at t* 10 on five levels, replayed fakes
     assert cfg.cache.num_pairs == 8192 and (cfg.init.optim.steps, cfg.init.optim.decay_steps) == (6000, 1000)
-    assert cfg.nitro.pool.tasks == ("local_uncond",) and cfg.nitro.adv_weight == 0.33
+    pool = cfg.nitro.pool
+    assert pool.tasks == ("global_cond",) and pool.timesteps == (10,) and pool.levels == (0, 1, 2, 3, 5)
+    assert pool.mismatch == 1 and pool.replay == 7 and cfg.nitro.disc_steps == 1 and cfg.nitro.adv_weight == 1
     shapes = recipe("shapes")
     assert shapes.autoencoder.scale_factor == 8 and shapes.teacher.offset_noise == 0 and shapes.nitro.disc_steps == 1
     cfg.save(tmp_path / "c.json")

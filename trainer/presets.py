@@ -63,15 +63,13 @@ def _shapes16() -> TrainConfig:
       guidance 3, against 63.0% for the 8x8 teacher (the same 400 eval prompts). At 13,000 steps plain epsilon MSE
       with offset noise scored 2.6 points under gamma 5 on 1,000 validation prompts, -2.4 [-4.0, -0.8] on the eval
       set, worse on the patterned objects too (docs/training.md, round 12);
-    - stage 3 with 4 discriminator updates per iteration and 0.1% refresh (bench/pool_probe.py: the heads learn
-      dataset latents vs the student's outputs, 0.70 / 0.80 accuracy against 0.52 / 0.66). Those figures judged the
-      batch after the heads had trained on it 3 times; shown fresh latents, the heads rank the student's and the
-      dataset's no better than chance (AUC 0.51-0.52, bench/head_probe.py, docs/training.md round 8);
     - a cache of 8192 teacher samples (from 1024) and a 3000-step one-step init (from 600): the init's 1-step
       alignment rose to 78.4% (teacher 83.8%, 2,000 images); 6000 steps with a decaying tail since round 11;
-    - stage 3 with the local unconditional heads only, at a third of the adversarial weight: from that init the
-      recipe's full pool took the 1-step student to 31.2% (control 73.0%, 400 images); these heads keep the
-      control's 1-step figure and lift 4 steps by 11-13 points (docs/training.md, rounds 2 and 3: three seeds).
+    - stage 3's pool (round 15): matching-aware conditional heads on the whole image at t* 10, on five encoder
+      levels, fed 128 rows an update from replayed fakes. The pools before it (the paper's 4 t* x 3 tasks; from
+      round 2 to 14 the local unconditional heads at a third of the weight, 4 updates an iteration) never beat the
+      no-discriminator control beyond the interval across seeds: their heads sat at chance on fresh latents
+      (rounds 8-9). This one does, at every step count, at two seeds.
     It makes the bundled model (trainer.config.BUNDLED_RECIPE) since 2026-11-30: against the 8x8 `shapes` model it
     draws more prompts right at 1 and 4 steps, and its latents hold the checks and stripes (EVAL.md). The model
     bundled since 2026-12-02 is this recipe's in one uninterrupted run: 87.3 minutes on a 2-core CPU, where issue 15
@@ -98,8 +96,16 @@ def _shapes16() -> TrainConfig:
     # sample from the student's re-noised input; against "off", paired, seeds 1 / 2: 4 steps +10.7 / +7.7 points
     # (80.6% / 78.8%), 1 step -2.5 / -3.4 with a better FID (38.7 vs 40.7), so 4 steps beat 1 (docs/training.md,
     # round 3).
-    cfg.nitro = NitroConfig(pool=PoolConfig(refresh_fraction=0.001, tasks=("local_uncond",)), disc_steps=4,
-                            adv_weight=0.33, reg_multistep="teacher", seed=1)
+    # The pool since round 15: matching-aware heads (nitro.pool.mismatch=1: a real shown with another row's prompt
+    # is a fake too), whole image with the prompt, only at t* 10, at the encoder levels where a head can tell the
+    # teacher's samples from the student's (bench/head_learnability.py --per-level: 0.65-0.67 at levels 0-3 and 5),
+    # 7 iterations' fakes replayed so each update reads 128 rows, one update per iteration, weight 1. Against the
+    # same schedule with the signal off, two stage-3 seeds, paired, 2,000 images: 1 step +1.0 [+0.1, +1.9] and +1.2
+    # [+0.1, +2.1] points, 4 steps +1.5 / +1.1, beyond the intervals; the local unconditional heads at 0.33 it
+    # replaces were even with that control (-0.1 [-0.6, +0.4]). Stage 3 costs ~1.5x (docs/training.md, round 15).
+    cfg.nitro = NitroConfig(pool=PoolConfig(refresh_fraction=0.001, tasks=("global_cond",), timesteps=(10,),
+                                            levels=(0, 1, 2, 3, 5), replay=7, mismatch=1.0),
+                            disc_steps=1, adv_weight=1.0, reg_multistep="teacher", seed=1)
     cfg.preview = PreviewConfig(blocks=(2, 2, 1))  # one block count per decoder level: three levels at 4x down
     return cfg
 
