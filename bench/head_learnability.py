@@ -97,7 +97,6 @@ def main(argv=None) -> int:
         real_f, fake_f = levels(real_x0, real_cond), levels(fake_x0, cond)
 
     half = n // 2
-    converged = sorted(fit_auc(channel_stats(r), channel_stats(f), half) for r, f in zip(real_f, fake_f))
 
     def online(kind: str, lr: float, betas, rows_per_side: int, level: int) -> float:
         torch.manual_seed(a.seed)
@@ -128,6 +127,7 @@ def main(argv=None) -> int:
             lin = fit_auc(channel_stats(real_f[lvl]), channel_stats(fake_f[lvl]), half)
             print(f"| {lvl} | {real_f[lvl].shape[1]}, {real_f[lvl].shape[-1]} | {auc:.2f} | {lin:.2f} |", flush=True)
         return 0
+    converged = sorted(fit_auc(channel_stats(r), channel_stats(f), half) for r, f in zip(real_f, fake_f))
     print(f"\nHeld-out AUC, the run's reals ({cfg.nitro.real}) vs its 1-step student ({a.work}), t* {a.t_star}, "
           f"whole image with the prompt, {half} + {half} rows to train on, {n - half} + {n - half} held out, "
           f"{a.updates} updates; median / best of {len(real_f)} encoder levels\n")

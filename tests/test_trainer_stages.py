@@ -516,6 +516,10 @@ def test_head_learnability_trains_both_head_kinds_on_fixed_features_and_is_repro
     assert "converged logistic regression" in first
     assert bench.main(args) == 0
     assert capsys.readouterr().out == first
+    assert bench.main([*args, "--per-level"]) == 0  # one AUC per encoder level, for nitro.pool.levels
+    levels = [line for line in capsys.readouterr().out.splitlines() if line[:3] in {f"| {i}" for i in range(10)}]
+    assert [int(line.split(" | ")[0][2:]) for line in levels] == list(range(len(levels))) and len(levels) >= 2
+    assert all(0.0 <= float(c) <= 1.0 for line in levels for c in line.strip(" |").split(" | ")[2:])
     assert bench.main(["--work", str(work / "teacher")]) == 2
     assert "not found" in capsys.readouterr().err
     assert bench.main(["--work", str(work), "--images", "8"]) == 2
