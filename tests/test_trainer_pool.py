@@ -144,10 +144,37 @@ def test_levels_keep_heads_only_at_the_named_encoder_levels(encoder):
     assert {pool.slot_of(h)[1] for h in pool.sample(10, torch.Generator())} == {1, 4}
     feats = features(encoder, pool, pool.sample(10, torch.Generator()))
     assert set(pool(feats, pool.sample(10, torch.Generator()))) == set(pool.sample(10, torch.Generator()))
+    assert pool.deepest(pool.sample(10, torch.Generator())) == 4
+    pool02 = make_pool(encoder, levels=(0, 2))
+    assert pool02.deepest(list(range(len(pool02)))) == 2  # the encoder may stop after level 2
     with pytest.raises(ValueError, match="5 feature levels"):  # a CLI message, not an IndexError mid-training
         make_pool(encoder, levels=(5,))
     with pytest.raises(ValueError, match="distinct"):
         PoolConfig(levels=(1, 1))
+
+
+def test_encoder_stops_after_the_deepest_level_read_and_reuses_the_prompt_free_levels(encoder):
+    """Stage 3's encoder runs only as deep as its heads read, and the matching-aware pool's second look at the reals
+    (another prompt) takes the levels before the first cross-attention block from the first look. Both must give
+    exactly the features of the full run under that prompt."""
+    torch.manual_seed(0)
+    x, t = torch.randn(3, 4, LATENT, LATENT), torch.full((3,), 250)
+    a, b = (Conditioning(torch.randn(3, CTX_LEN, CTX_DIM)) for _ in range(2))
+    with torch.no_grad():
+        full_a, full_b = encoder(x, t, a), encoder(x, t, b)
+        # conv_in | block 1: resnet, downsampler | block 2 (cross-attention): resnet | mid block
+        lengths = []
+        for upto in range(len(full_a)):
+            part = encoder(x, t, a, upto)
+            lengths.append(len(part))
+            assert all(torch.equal(f, g) for f, g in zip(part, full_a))
+        assert lengths == [1, 3, 3, 4, 5]  # whole blocks: a block's levels come together
+        assert encoder.prompt_free_blocks == 1
+        reused = encoder(x, t, b, reuse=full_a)
+        assert all(f is g for f, g in zip(reused[:3], full_a[:3]))  # taken, not recomputed
+        assert len(reused) == len(full_b) and all(torch.equal(f, g) for f, g in zip(reused, full_b))
+        assert not torch.allclose(full_a[3], full_b[3])  # past the prefix the prompt matters: reuse stops in time
+        assert len(encoder(x, t, b, upto=3, reuse=full_a)) == 4
 
 
 def test_generator_gradient_flows_through_frozen_encoder_to_the_fake(encoder):

@@ -92,6 +92,7 @@ def test_sdxl_pooled_embedding_and_time_ids_reach_the_student_and_the_heads():
             assert not torch.allclose(x0, student_x0(nets.student, nets.sampler, batch.noise, other, 1, 250, [])), name
             feats2 = nets.encoder(batch.real, t, other)
             assert torch.equal(feats[0], feats2[0])  # conv_in: before any conditioning
+            assert nets.encoder.prompt_free_blocks == 0  # so the matching-aware pool reuses only conv_in
             assert all(not torch.allclose(a, b) for a, b in zip(feats[1:], feats2[1:])), name
             logits2 = nets.pool({task: feats2 for task in plan.tasks}, plan.heads)
             deep = [h for h in plan.heads if nets.raw_pool.slot_of(h)[1] > 0]

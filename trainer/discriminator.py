@@ -1,8 +1,8 @@
 """NitroFusion's discriminator: the frozen teacher encoder and a dynamic pool of small heads (paper Sec. 3.2).
 
 `FrozenEncoder` runs the teacher UNet's conv_in, down blocks and mid block and returns every feature map
-(conv_in, each down-block resnet and downsampler output, the mid block): 10 for SDXL, 7 for the shapes
-recipe's 3-block UNet. `HeadPool` keeps `heads_per_slot` heads for every (t*, feature level, task) slot; each
+(conv_in, each down-block resnet and downsampler output, the mid block): 10 for SDXL, 9 for the shapes16
+recipe's 4-block UNet. `HeadPool` keeps `heads_per_slot` heads for every (t*, feature level, task) slot; each
 iteration samples one head per (level, task) of the drawn t*, and re-initialises ~1% of all heads.
 """
 
@@ -61,18 +61,45 @@ class FrozenEncoder(nn.Module):
             emb = emb + self.add_embedding(add)
         return emb
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
+    @property
+    def prompt_free_blocks(self) -> int:
+        """How many leading down blocks never read the prompt: those before the first cross-attention block, none
+        for SDXL (its pooled embedding enters the timestep embedding every block reads). Their features are the
+        same for one noisy input under any prompt."""
+        if self.add_embedding is not None:
+            return 0
+        n = 0
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                break
+            n += 1
+        return n
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, upto: int | None = None,
+                reuse: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Every feature level, or (upto) at least levels 0..upto: blocks past the deepest level the heads read
+        are not run (the shapes recipe's heads read levels 0-5 of 9: the encoder costs 0.54x). `reuse`: this
+        encoder's features of the same x and t under another prompt; the prompt-free blocks' levels are taken
+        from it, not recomputed (the matching-aware pool's reals shown with a wrong prompt)."""
         emb = self.embed(t, cond)
         ctx = cond.embeds.to(self.dtype)
-        h = self.conv_in(x.to(self.dtype))
-        feats = [h]
-        for block in self.down_blocks:
+        start = self.prompt_free_blocks if reuse is not None else 0
+        if start:
+            kept = 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in self.down_blocks[:start])
+            feats = list(reuse[:kept])
+            h = feats[-1]  # a block's last output is its h: the downsampler's, or its last resnet's
+        else:
+            h = self.conv_in(x.to(self.dtype))
+            feats = [h]
+        for block in self.down_blocks[start:]:
+            if upto is not None and len(feats) > upto:
+                return feats
             if getattr(block, "has_cross_attention", False):
                 h, res = block(h, temb=emb, encoder_hidden_states=ctx)
             else:
                 h, res = block(h, temb=emb)
             feats.extend(res)  # each resnet output, then the downsampler's (== h) when there is one
-        if self.mid_block is not None:
+        if self.mid_block is not None and (upto is None or len(feats) <= upto):
             h = self.mid_block(h, emb, encoder_hidden_states=ctx)
             feats.append(h)
         return feats
@@ -216,6 +243,10 @@ class HeadPool(nn.Module):
     def slot_of(self, head: int) -> tuple[int | None, int, str]:
         return self.slots[head // self.replicas]
 
+    def deepest(self, heads: list[int]) -> int:
+        """The deepest feature level these heads read: the encoder need not run past it."""
+        return max(self.slot_of(h)[1] for h in heads)
+
     def tasks_of(self, heads: list[int]) -> set[str]:
         return {self.slot_of(h)[2] for h in heads}
 
@@ -311,23 +342,26 @@ class Views:
 
 
 def encoder_features(encoder: FrozenEncoder, x0: torch.Tensor, t_star: int, cond: Conditioning,
-                     uncond: Conditioning, tasks: set[str], abar: torch.Tensor,
-                     views: Views) -> dict[str, list[torch.Tensor]]:
+                     uncond: Conditioning, tasks: set[str], abar: torch.Tensor, views: Views, upto: int | None = None,
+                     reuse: dict[str, list[torch.Tensor]] | None = None) -> dict[str, list[torch.Tensor]]:
     """Noise x0 to t*, then run the frozen encoder once per needed view: whole image with the prompt
     (global_cond), random crops with the prompt (local_cond) and the same crops with "" (local_uncond). Crops keep
-    the whole image's SDXL time ids (a choice: the paper gives none; the prompt describes the whole image too)."""
+    the whole image's SDXL time ids (a choice: the paper gives none; the prompt describes the whole image too).
+    `upto`: the deepest feature level any head reads (FrozenEncoder.forward). `reuse[task]`: features of the same
+    x0 and views under other prompts, whose prompt-free levels are taken as they are."""
     b = x0.shape[0]
     t = torch.full((b,), t_star, dtype=torch.long, device=x0.device)
     xt = add_noise(x0, views.noise.to(x0.device, x0.dtype), t, abar)
+    reuse = reuse or {}
     feats: dict[str, list[torch.Tensor]] = {}
     if "global_cond" in tasks:
-        feats["global_cond"] = encoder(xt, t, cond)
+        feats["global_cond"] = encoder(xt, t, cond, upto, reuse.get("global_cond"))
     if tasks & {"local_cond", "local_uncond"}:
         crops = take_crops(xt, views.ys, views.xs, views.side)
         if "local_cond" in tasks:
-            feats["local_cond"] = encoder(crops, t, cond)
+            feats["local_cond"] = encoder(crops, t, cond, upto, reuse.get("local_cond"))
         if "local_uncond" in tasks:
-            feats["local_uncond"] = encoder(crops, t, uncond)
+            feats["local_uncond"] = encoder(crops, t, uncond, upto, reuse.get("local_uncond"))
     return feats
 
 

@@ -181,6 +181,7 @@ def generator_backward(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig
     acc = nets.accelerator
     multi = acc.num_processes > 1
     parts = micro_slices(len(batch), micro)
+    upto = nets.raw_pool.deepest(plan.heads)
     fakes, adv, reg_sum = [], 0.0, 0.0
     for (_, ctx), sl in zip(micro_contexts(acc, nets.student, len(parts)), parts):
         mb = batch.rows(sl)
@@ -195,7 +196,7 @@ def generator_backward(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig
                 target = ts(nets.teacher, mb.cond, mb.uncond, last_in, start=level,
                             steps=max(2, round(ts.steps * level / 1000))).float()
             feats = encoder_features(nets.encoder, fake, plan.t_star, mb.cond, mb.uncond, plan.tasks, nets.abar,
-                                     mb.g_views)
+                                     mb.g_views, upto)
             # The heads are only judges here: run them outside DDP's gradient sync; their grads are dropped.
             with acc.no_sync(nets.pool) if multi else torch.enable_grad():
                 loss_adv = g_loss(nets.pool(feats, plan.heads), c.loss, c.pool.reduce)
@@ -240,6 +241,7 @@ def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch | DiscBatch
     fresh = [sl.stop <= own for sl in parts]
     cond_heads = [h for h in plan.heads if nets.raw_pool.slot_of(h)[2] in COND_TASKS]
     mismatch = c.pool.mismatch > 0 and bool(cond_heads)
+    upto = nets.raw_pool.deepest(plan.heads)
     total, acc_real, acc_fake, acc_mis = 0.0, 0.0, 0.0, 0.0
     for (_, ctx), sl, counted in zip(micro_contexts(acc, nets.pool, len(parts)), parts, fresh):
         mb = batch.rows(sl)
@@ -250,13 +252,16 @@ def discriminator_backward(nets: NitroNets, plan: Plan, batch: Batch | DiscBatch
                 both = encoder_features(nets.encoder, torch.cat([mb.real, fake[sl]]), plan.t_star,
                                         Conditioning.cat([mb.real_cond, mb.cond]),
                                         Conditioning.cat([mb.uncond, mb.uncond]), plan.tasks, nets.abar,
-                                        Views.cat(real_views, fake_views))
+                                        Views.cat(real_views, fake_views), upto)
                 if mismatch:  # the reals again, with the next row's prompt (over the whole batch, so micro-batches
                     # pair rows as one batch would), through the prompt-conditioned tasks only; a repeated prompt
                     # among a batch's rows is rare in these grammars
                     other = (torch.arange(sl.start, sl.stop) + 1) % len(batch)
+                    # the reals' own rows of the pass above: the same noisy input, so the encoder's prompt-free
+                    # levels are reused (the shapes recipe's: levels 0-4 of the 6 its heads read)
+                    own = {t: [f[:n] for f in both[t]] for t in COND_TASKS if t in both}
                     wrong = encoder_features(nets.encoder, mb.real, plan.t_star, rows(batch.real_cond, other),
-                                             mb.uncond, plan.tasks & set(COND_TASKS), nets.abar, real_views)
+                                             mb.uncond, plan.tasks & set(COND_TASKS), nets.abar, real_views, upto, own)
                     # appended to those tasks' rows, so the pool still runs once (one DDP forward per backward)
                     both = {t: [torch.cat(pair) for pair in zip(f, wrong[t])] if t in wrong else f
                             for t, f in both.items()}
