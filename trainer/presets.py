@@ -69,13 +69,12 @@ def _shapes16() -> TrainConfig:
       levels, fed 128 rows an update from replayed fakes. The pools before it (the paper's 4 t* x 3 tasks; from
       round 2 to 14 the local unconditional heads at a third of the weight, 4 updates an iteration) never beat the
       no-discriminator control beyond the interval across seeds: their heads sat at chance on fresh latents
-      (rounds 8-9). This one does at 4 steps in all three runs measured and at 1 step in two of them (+1.0, +1.2;
-      the bundled model's run +0.8, inside).
+      (rounds 8-9). This one does at 4 steps in all four runs measured and at 1 step in two of them (+1.0, +1.2;
+      round 15's bundled run +0.8 and round 16's +0.6, inside).
     It makes the bundled model (trainer.config.BUNDLED_RECIPE) since 2026-11-30: against the 8x8 `shapes` model it
     draws more prompts right at 1 and 4 steps, and its latents hold the checks and stripes (EVAL.md). The model
-    bundled since 2026-12-02 is this recipe's: every stage in one uninterrupted run (87.3 minutes on a 2-core CPU),
-    then stage 3 rerun over it with the matching-aware pool (10.0 minutes instead of 6.4), so the whole recipe is
-    estimated at 90.9 minutes where issue 15 allows 90 (BENCHMARKS.md)."""
+    bundled since 2026-12-02 (round 16) is this recipe's, every stage in one uninterrupted run: 72.8 minutes on a
+    2-core CPU on a fast day, about 89.3 scaled to a slower one, where issue 15 allows 90 (BENCHMARKS.md)."""
     cfg = TrainConfig(recipe="shapes16")
     cfg.autoencoder = AutoencoderConfig(block_out_channels=(16, 32, 64), kl_weight=1e-4)
     cfg.teacher = TeacherConfig(unet=UNetConfig(block_out_channels=(32, 32, 64, 128), norm_num_groups=8,
@@ -105,7 +104,8 @@ def _shapes16() -> TrainConfig:
     # same schedule with the signal off, two stage-3 seeds, paired, 2,000 images: 1 step +1.0 [+0.1, +1.9] and +1.2
     # [+0.1, +2.1] points, 4 steps +1.5 / +1.1, beyond the intervals (the bundled model's own run: +0.8, inside, at
     # 1 step, +1.4 at 4); the local unconditional heads at 0.33 it replaces were even with that control (-0.1
-    # [-0.6, +0.4]). Stage 3 costs 1.56x (docs/training.md, round 15; BENCHMARKS.md).
+    # [-0.6, +0.4]). Stage 3 costs 1.56x, 1.3x since its encoder stops at level 5 (docs/training.md, rounds 15 and
+    # 16; BENCHMARKS.md). The bundled model's run, over a stronger init: +0.6 at 1 step (inside), +0.6 at 4 (beyond).
     cfg.nitro = NitroConfig(pool=PoolConfig(refresh_fraction=0.001, tasks=("global_cond",), timesteps=(10,),
                                             levels=(0, 1, 2, 3, 5), replay=7, mismatch=1.0),
                             disc_steps=1, adv_weight=1.0, reg_multistep="teacher", seed=1)
