@@ -102,10 +102,10 @@ def _shapes16() -> TrainConfig:
     # teacher's samples from the student's (bench/head_learnability.py --per-level: 0.65-0.67 at levels 0-3 and 5),
     # 7 iterations' fakes replayed so each update reads 128 rows, one update per iteration, weight 1. Against the
     # same schedule with the signal off, two stage-3 seeds, paired, 2,000 images: 1 step +1.0 [+0.1, +1.9] and +1.2
-    # [+0.1, +2.1] points, 4 steps +1.5 / +1.1, beyond the intervals (the bundled model's own run: +0.8, inside, at
-    # 1 step, +1.4 at 4); the local unconditional heads at 0.33 it replaces were even with that control (-0.1
+    # [+0.1, +2.1] points, 4 steps +1.5 / +1.1, beyond the intervals (round 15's bundled run: +0.8, inside, at 1
+    # step, +1.4 at 4); the local unconditional heads at 0.33 it replaces were even with that control (-0.1
     # [-0.6, +0.4]). Stage 3 costs 1.56x, 1.3x since its encoder stops at level 5 (docs/training.md, rounds 15 and
-    # 16; BENCHMARKS.md). The bundled model's run, over a stronger init: +0.6 at 1 step (inside), +0.6 at 4 (beyond).
+    # 16; BENCHMARKS.md). Round 16's run, the bundled model now, over a stronger init: +0.6 at 1 step (inside), +0.6 at 4 (beyond).
     cfg.nitro = NitroConfig(pool=PoolConfig(refresh_fraction=0.001, tasks=("global_cond",), timesteps=(10,),
                                             levels=(0, 1, 2, 3, 5), replay=7, mismatch=1.0),
                             disc_steps=1, adv_weight=1.0, reg_multistep="teacher", seed=1)

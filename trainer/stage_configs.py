@@ -262,8 +262,8 @@ class PoolConfig:
     # wrongly filled or coloured object is a plausible image for some other prompt, and nothing taught them to
     # read the prompt. Measured (docs/training.md, round 15): with whole-image heads at t* 10 only, replayed fakes
     # (replay 7) and weight 1, the student beats its no-discriminator control beyond the paired interval at 4 steps
-    # in three runs (+1.1 to +1.5 points) and at 1 step in two of them (+1.0, +1.2; the third +0.8, inside); the
-    # shapes16 recipe's pool since then.
+    # in four runs (+0.6 to +1.5 points; rounds 15 and 16) and at 1 step in two of them (+1.0, +1.2; the others
+    # +0.8 and +0.6, inside); the shapes16 recipe's pool since then.
     mismatch: float = 0.0
 
     def __post_init__(self):
