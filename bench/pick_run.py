@@ -9,6 +9,7 @@ shapes-FID with their 95% intervals. The pick: the lowest shapes-FID among the r
 within noise of each other).
 
     python bench/pick_run.py --recipe shapes16 --run seed0=W0/model --run seed1=W1/model --images 1000
+    python bench/pick_run.py --run a=A/model --run b=B/model --steps 4     # 4-step images; b paired against a
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def validation_scores(recipe_name: str, runs: dict[str, Path], n: int, steps: in
         images = np.stack([im for s in range(0, n, 200) for im in pipe(reqs[s:s + 200])])
         hits = detections(images, attrs)["all"]
         feats = extract(net, images)
-        out[name] = {"alignment": float(hits.mean()), "alignment_ci": proportion_ci(hits),
+        out[name] = {"alignment": float(hits.mean()), "alignment_ci": proportion_ci(hits), "hits": hits,
                      "fid": frechet_distance(feats, real), "fid_ci": fid_ci(feats, real)}
         print(f"{name}: alignment {100 * hits.mean():.1f}%, FID {out[name]['fid']:.2f}", flush=True)
     return out
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", action="append", required=True, metavar="NAME=MODEL_DIR")
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--alignment-slack", type=float, default=2.0, metavar="POINTS")
+    ap.add_argument("--steps", type=int, default=1, help="sampling steps of every run's images (default 1)")
     args = ap.parse_args(argv)
     runs = {}
     for item in args.run:
@@ -69,12 +71,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--run {item!r}: expected NAME=MODEL_DIR with an exported model", file=sys.stderr)
             return 2
         runs[name] = Path(folder)
-    scores = validation_scores(args.recipe, runs, args.images)
-    print("\n| run | 1-step alignment | shapes-FID |\n|---|---|---|")
-    for name, s in scores.items():
+    scores = validation_scores(args.recipe, runs, args.images, steps=args.steps)
+    # Every run draws the same prompts and noise, so runs after the first also get their paired difference to it.
+    from trainer.eval_stats import paired_difference_ci
+
+    first = next(iter(scores.values()))
+    print(f"\n| run | {args.steps}-step alignment | vs the first run (paired) | shapes-FID |\n|---|---|---|---|")
+    for i, (name, s) in enumerate(scores.items()):
         lo, hi = s["alignment_ci"]
         flo, fhi = s["fid_ci"]
-        print(f"| {name} | {100 * s['alignment']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] | "
+        paired = ""
+        if i and "hits" in s and "hits" in first:
+            dlo, dhi = paired_difference_ci(s["hits"], first["hits"])
+            paired = f"{100 * (s['alignment'] - first['alignment']):+.1f} [{100 * dlo:+.1f}, {100 * dhi:+.1f}]"
+        print(f"| {name} | {100 * s['alignment']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] | {paired} | "
               f"{s['fid']:.2f} [{flo:.2f}, {fhi:.2f}] |")
     print(f"\npicked: {pick(scores, args.alignment_slack)} (lowest FID within {args.alignment_slack:g} points of the "
           f"best alignment; {args.images} validation images each)")
