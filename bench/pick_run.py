@@ -50,6 +50,25 @@ def validation_scores(recipe_name: str, runs: dict[str, Path], n: int, steps: in
     return out
 
 
+def table(scores: dict[str, dict], steps: int) -> list[str]:
+    """Markdown rows: each run's alignment and shapes-FID with their intervals. Every run drew the same prompts and
+    noise, so each run after the first also gets its alignment minus the first run's, with the paired interval."""
+    from trainer.eval_stats import paired_difference_ci
+
+    first = next(iter(scores.values()))
+    lines = [f"| run | {steps}-step alignment | vs the first run (paired) | shapes-FID |", "|---|---|---|---|"]
+    for i, (name, s) in enumerate(scores.items()):
+        lo, hi = s["alignment_ci"]
+        flo, fhi = s["fid_ci"]
+        paired = ""
+        if i:
+            dlo, dhi = paired_difference_ci(s["hits"], first["hits"])
+            paired = f"{100 * (s['alignment'] - first['alignment']):+.1f} [{100 * dlo:+.1f}, {100 * dhi:+.1f}]"
+        lines.append(f"| {name} | {100 * s['alignment']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] | {paired} | "
+                     f"{s['fid']:.2f} [{flo:.2f}, {fhi:.2f}] |")
+    return lines
+
+
 def pick(scores: dict[str, dict], alignment_slack: float) -> str:
     best = max(s["alignment"] for s in scores.values())
     close = [n for n, s in scores.items() if s["alignment"] >= best - alignment_slack / 100]
@@ -72,20 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         runs[name] = Path(folder)
     scores = validation_scores(args.recipe, runs, args.images, steps=args.steps)
-    # Every run draws the same prompts and noise, so runs after the first also get their paired difference to it.
-    from trainer.eval_stats import paired_difference_ci
-
-    first = next(iter(scores.values()))
-    print(f"\n| run | {args.steps}-step alignment | vs the first run (paired) | shapes-FID |\n|---|---|---|---|")
-    for i, (name, s) in enumerate(scores.items()):
-        lo, hi = s["alignment_ci"]
-        flo, fhi = s["fid_ci"]
-        paired = ""
-        if i and "hits" in s and "hits" in first:
-            dlo, dhi = paired_difference_ci(s["hits"], first["hits"])
-            paired = f"{100 * (s['alignment'] - first['alignment']):+.1f} [{100 * dlo:+.1f}, {100 * dhi:+.1f}]"
-        print(f"| {name} | {100 * s['alignment']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] | {paired} | "
-              f"{s['fid']:.2f} [{flo:.2f}, {fhi:.2f}] |")
+    print("\n" + "\n".join(table(scores, args.steps)))
     print(f"\npicked: {pick(scores, args.alignment_slack)} (lowest FID within {args.alignment_slack:g} points of the "
           f"best alignment; {args.images} validation images each)")
     return 0

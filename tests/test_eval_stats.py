@@ -211,6 +211,25 @@ def test_pick_run_prefers_alignment_then_fid_and_refuses_a_folder_without_a_mode
     assert "exported model" in capsys.readouterr().err
 
 
+def test_pick_run_table_pairs_each_run_against_the_first_on_the_same_images():
+    """bench/pick_run.py's table: the first run has no paired cell; a later run's is its alignment minus the first's
+    (sign included) with the interval of per-image differences, so misses both runs share cancel. Here b draws the
+    first run's hits plus 20 more of 400: +5.0 points, and every resample of the differences is positive."""
+    mod = load_script("bench/pick_run.py")
+    rng = np.random.default_rng(0)
+    a = rng.random(400) < 0.8
+    b = a.copy()
+    b[np.flatnonzero(~a)[:20]] = True
+    scores = {name: {"alignment": float(h.mean()), "alignment_ci": (0.0, 1.0), "hits": h, "fid": 30.0,
+                     "fid_ci": (25.0, 35.0)} for name, h in (("a", a), ("b", b), ("a_again", a))}
+    lines = mod.table(scores, steps=4)
+    assert lines[0].startswith("| run | 4-step alignment | vs the first run (paired) |")
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert cells[0][2] == ""
+    assert cells[1][2].startswith("+5.0 [+") and " -" not in cells[1][2]
+    assert cells[2][2] == "+0.0 [+0.0, +0.0]"
+
+
 def test_compare_runs_by_fill_splits_each_rows_hits_by_object_size_and_fill(tmp_path):
     """bench/compare_runs.py --by-fill: each row's alignment per (size, fill) cell, from its per-image hits and the
     prompts' attributes in the eval's order; a cell whose images all miss reads 0.0%, the teacher row comes first,
