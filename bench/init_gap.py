@@ -54,8 +54,7 @@ def fresh_pairs(cfg, work: Path, frozen: dict, n: int, batch: int = 64) -> dict:
 @torch.no_grad()
 def one_step_mse(unet, cfg, frozen: dict, pairs: dict, batch: int = 64) -> float:
     from nitrofusion.sampler import LCMSampler
-    from trainer.models import alphas_cumprod
-    from trainer.models import NOISE_SCHEDULE
+    from trainer.models import NOISE_SCHEDULE, alphas_cumprod
     from trainer.stage2 import one_step_x0
 
     sampler = LCMSampler(alphas_cumprod(dict(NOISE_SCHEDULE)))
