@@ -29,6 +29,7 @@ from .discriminator import (
     g_loss,
     head_accuracy,
 )
+from .dmd import DMDDraws, dmd_direction, dmd_loss, fake_score_loss
 from .loop import autocast, micro_contexts
 
 
@@ -48,6 +49,10 @@ class NitroNets:
     ema: torch.nn.Module | None = None  # torch.optim.swa_utils.AveragedModel of the student (nitro.ema_decay)
     teacher: torch.nn.Module | None = None  # the whole teacher, only for nitro.reg_multistep=teacher
     teacher_sampler: object = None  # stage1.TeacherSampler: the teacher's k-step targets
+    # nitro.dmd_weight > 0 (trainer/dmd.py): the online fake score (maybe DDP-wrapped), unwrapped, its optimizer
+    fake_score: torch.nn.Module | None = None
+    raw_fake_score: torch.nn.Module | None = None
+    opt_fake: torch.optim.Optimizer | None = None
 
     @property
     def abar(self) -> torch.Tensor:
@@ -80,6 +85,7 @@ class Batch:
     renoise: list[torch.Tensor]  # steps - 1 x (B, C, h, w): fresh noise of each re-noising
     g_views: Views  # the generator step's look at the fakes
     d_views: list[tuple[Views, Views]]  # per discriminator update: (reals, fakes)
+    dmd: DMDDraws | None = None  # nitro.dmd_weight > 0: the DMD term's and the fake score's draws
 
     def __len__(self) -> int:
         return self.noise.shape[0]
@@ -90,7 +96,8 @@ class Batch:
     def rows(self, i: slice) -> Batch:
         return Batch(self.noise[i], self.target[i], self.prompts[i], rows(self.cond, i), self.real[i],
                      rows(self.real_cond, i), rows(self.uncond, i), [z[i] for z in self.renoise],
-                     self.g_views.rows(i), [(r.rows(i), f.rows(i)) for r, f in self.d_views])
+                     self.g_views.rows(i), [(r.rows(i), f.rows(i)) for r, f in self.d_views],
+                     None if self.dmd is None else self.dmd.rows(i))
 
 
 @dataclass
@@ -182,7 +189,9 @@ def generator_backward(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig
     multi = acc.num_processes > 1
     parts = micro_slices(len(batch), micro)
     upto = nets.raw_pool.deepest(plan.heads)
-    fakes, adv, reg_sum = [], 0.0, 0.0
+    fakes, adv, reg_sum, dmd_sum = [], 0.0, 0.0, 0.0
+    dmd_on = c.dmd_weight > 0 and batch.dmd is not None
+    guidance = c.dmd_guidance or (nets.teacher_sampler.guidance if nets.teacher_sampler else 1.0)
     for (_, ctx), sl in zip(micro_contexts(acc, nets.student, len(parts)), parts):
         mb = batch.rows(sl)
         target = mb.target
@@ -203,6 +212,12 @@ def generator_backward(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig
                 loss_reg = F.mse_loss(fake, target) if plan.reg else torch.zeros((), device=fake.device)
                 adv_weight = c.adv_weight if plan.adv is None else plan.adv
                 loss_g = adv_weight * loss_adv + plan.reg * loss_reg
+                if dmd_on:
+                    grad = dmd_direction(nets.teacher, nets.raw_fake_score, fake, mb.cond, mb.uncond, mb.dmd.t,
+                                         mb.dmd.noise, nets.abar, guidance)
+                    loss_dmd = dmd_loss(fake, grad)
+                    loss_g = loss_g + c.dmd_weight * loss_dmd
+                    dmd_sum += loss_dmd.item() / len(parts)
                 acc.backward(loss_g / len(parts))
         fakes.append(fake.detach())
         adv += loss_adv.item() / len(parts)
@@ -210,6 +225,8 @@ def generator_backward(nets: NitroNets, plan: Plan, batch: Batch, c: NitroConfig
     logs = {"loss_g": adv}
     if c.reg_weight:
         logs["loss_reg"] = reg_sum if plan.reg else float("nan")
+    if dmd_on:
+        logs["loss_dmd"] = dmd_sum
     return torch.cat(fakes), logs
 
 
@@ -297,3 +314,26 @@ def discriminator_step(nets: NitroNets, plan: Plan, batch: Batch | DiscBatch, fa
         nets.opt_d.step()
         nets.opt_d.zero_grad(set_to_none=True)
     return logs
+
+
+def fake_score_step(nets: NitroNets, batch: Batch, fake: torch.Tensor, c: NitroConfig, micro: int) -> dict[str, float]:
+    """nitro.dmd_fake_steps updates of the DMD fake score on this iteration's detached fakes (trainer/dmd.py), each
+    at its own drawn levels and noise. Logs the first update's loss (on outputs it has not trained on)."""
+    acc = nets.accelerator
+    parts = micro_slices(len(batch), micro)
+    first = None
+    for u in range(c.dmd_fake_steps):
+        total = 0.0
+        for (_, ctx), sl in zip(micro_contexts(acc, nets.fake_score, len(parts)), parts):
+            mb = batch.rows(sl)
+            with ctx, autocast(acc):
+                loss = fake_score_loss(nets.fake_score, fake[sl], mb.cond, mb.dmd.fake_t[u], mb.dmd.fake_noise[u],
+                                       nets.abar)
+                acc.backward(loss / len(parts))
+            total += loss.item() / len(parts)
+        if c.optim.grad_clip:
+            acc.clip_grad_norm_(nets.fake_score.parameters(), c.optim.grad_clip)
+        nets.opt_fake.step()
+        nets.opt_fake.zero_grad(set_to_none=True)
+        first = total if first is None else first
+    return {"loss_fake": first}

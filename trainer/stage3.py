@@ -15,6 +15,7 @@ Each iteration is one optimizer step over nitro.optim.grad_accum micro-batches o
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
@@ -27,9 +28,19 @@ from .cache import PairCache, cache_batch, conditioning_of
 from .conditioning import expand, to
 from .config import TrainConfig
 from .discriminator import FrozenEncoder, HeadPool
+from .dmd import DMDDraws
 from .loop import Stage, frozen_dtype, set_lr
 from .models import alphas_cumprod, count_params
-from .nitro_step import Batch, NitroNets, Plan, discriminator_step, draw_noises, generator_step, student_x0
+from .nitro_step import (
+    Batch,
+    NitroNets,
+    Plan,
+    discriminator_step,
+    draw_noises,
+    fake_score_step,
+    generator_step,
+    student_x0,
+)
 from .skeleton import StageJob, make_optimizer, moving_average, run_stage
 from .stage1 import TeacherSampler
 
@@ -66,7 +77,8 @@ class NitroJob(StageJob):
         if c.gradient_checkpointing:  # the generator's gradient runs back through the encoder too
             self.teacher.enable_gradient_checkpointing()
         self.encoder = FrozenEncoder(self.teacher).to(dev)
-        if c.reg_multistep == "teacher":  # the whole teacher (its decoder too) only where it makes k-step targets
+        if c.reg_multistep == "teacher" or c.dmd_weight:  # the whole teacher (its decoder too) only where it
+            # makes k-step targets or is the DMD term's real score
             self.teacher.to(dev).eval().requires_grad_(False)
         torch.manual_seed(cfg.run.seed)
         self.pool = HeadPool(c.pool, self.encoder.shapes(self.source.latent_size))
@@ -82,6 +94,11 @@ class NitroJob(StageJob):
         self.opt_d = torch.optim.AdamW(self.pool.parameters(), lr=c.lr_disc, betas=(0.0, 0.99))
         stage.register("student", self.student, self.opt_g)
         stage.register("pool", self.pool, self.opt_d)
+        self.fake_score = self.opt_fake = None
+        if c.dmd_weight:  # the DMD term's fake score starts as the teacher, in fp32, and trains
+            self.fake_score = copy.deepcopy(self.teacher).float().to(dev).requires_grad_(True)
+            self.opt_fake = torch.optim.AdamW(self.fake_score.parameters(), lr=c.dmd_lr)
+            stage.register("fake_score", self.fake_score, self.opt_fake)
 
     def describe(self) -> str:
         return (f"student {count_params(self.student) / 1e6:.2f}M, pool {len(self.pool)} heads "
@@ -93,9 +110,14 @@ class NitroJob(StageJob):
         if self.ema is not None:
             self.ema.to(acc.device)
         schedule = self.source.noise_schedule
+        fake_score, opt_fake = self.fake_score, self.opt_fake
+        if fake_score is not None:
+            fake_score, opt_fake = acc.prepare(fake_score, opt_fake)
+            fake_score.train()
         self.nets = NitroNets(acc, student, acc.unwrap_model(student), self.encoder, pool, acc.unwrap_model(pool),
                               opt_g, opt_d, LCMSampler(alphas_cumprod(schedule)), self.ema, self.teacher,
-                              TeacherSampler.from_config(cfg.teacher, schedule))
+                              TeacherSampler.from_config(cfg.teacher, schedule), fake_score,
+                              None if fake_score is None else acc.unwrap_model(fake_score), opt_fake)
         student.train()
         pool.train()
         self.cache = PairCache(self.cache_dir)
@@ -132,9 +154,12 @@ class NitroJob(StageJob):
             real, real_prompts = target, prompts
         text = self.frozen.text
         cond = conditioning_of(pairs, text, dev)
+        noises = draw_noises(gen, tuple(noise.shape), plan, c)
+        # drawn after all the rest, so that runs without the DMD term draw exactly what they drew before it
+        dmd = DMDDraws.draw(gen, tuple(noise.shape), c.dmd_t_range, c.dmd_fake_steps) if c.dmd_weight else None
         batch = Batch(noise, target.to(dev), prompts, cond, real.to(dev),
                       cond if real_prompts is prompts else text(real_prompts), expand(self.uncond_1, b),
-                      *draw_noises(gen, tuple(noise.shape), plan, c))
+                      *noises, dmd)
         return plan, batch
 
     def dataset_rows(self, gen: torch.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
@@ -165,6 +190,7 @@ class NitroJob(StageJob):
                                                          c.pool.crop_fraction)
             self.past.append((fake, batch.cond))
         d_logs = discriminator_step(self.nets, plan, d_batch, d_fake, c, c.optim.batch_size)
+        f_logs = fake_score_step(self.nets, batch, fake, c, c.optim.batch_size) if c.dmd_weight else {}
         stage.extra_state["last_refreshed"] = self.refreshed
         logs = {"loss_g": g_logs["loss_g"], "loss_d": d_logs["loss_d"], "t_star": plan.t_star, "steps": plan.steps,
                 "heads": len(plan.heads), "refreshed": len(self.refreshed)}
@@ -174,6 +200,8 @@ class NitroJob(StageJob):
         logs["acc_real"], logs["acc_fake"] = d_logs["acc_real"], d_logs["acc_fake"]
         if "acc_mismatch" in d_logs:  # nitro.pool.mismatch: the conditional heads on reals with a wrong prompt
             logs["acc_mismatch"] = d_logs["acc_mismatch"]
+        if c.dmd_weight:  # the DMD term (trainer/dmd.py) and its fake score's denoising loss
+            logs["loss_dmd"], logs["loss_fake"] = g_logs["loss_dmd"], f_logs["loss_fake"]
         return logs
 
     @property

@@ -341,6 +341,14 @@ class NitroConfig:
     # name the stage-3 run that made its model without reseeding the stages before it.
     seed: int | None = None
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=0, batch_size=16, lr=5e-5, warmup=0))
+    # > 0: a distribution-matching term (trainer/dmd.py; DMD, whose DMD2 the paper starts from) added to the
+    # generator loss at this weight: the guided teacher's and an online "fake score" UNet's x0 predictions from the
+    # student's noised output. 0: off (every recipe; round 19 measured it, docs/training.md).
+    dmd_weight: float = 0.0
+    dmd_guidance: float = 0.0  # the teacher's classifier-free guidance in the DMD term; 0: teacher.guidance_scale
+    dmd_lr: float = 1e-4  # the fake score's AdamW learning rate
+    dmd_fake_steps: int = 1  # fake-score updates per iteration (DMD2: 5)
+    dmd_t_range: tuple[int, int] = (20, 980)  # the noise levels the term and the fake score draw from (DMD2's)
 
     def __post_init__(self):
         self.phase_steps = tuple(self.phase_steps)
@@ -348,7 +356,14 @@ class NitroConfig:
         _check(0 < self.shift <= 1000, "nitro.shift must be in (0, 1000]")
         _check(self.real in ("teacher", "data"), "nitro.real must be 'teacher' or 'data'")
         _check(self.reg_weight >= 0 and self.adv_weight >= 0, "nitro.reg_weight and nitro.adv_weight must be >= 0")
-        _check(self.reg_weight + self.adv_weight > 0, "nitro: adv_weight and reg_weight cannot both be 0")
+        _check(self.dmd_weight >= 0, "nitro.dmd_weight must be >= 0")
+        _check(self.reg_weight + self.adv_weight + self.dmd_weight > 0,
+               "nitro: adv_weight, reg_weight and dmd_weight cannot all be 0")
+        self.dmd_t_range = tuple(self.dmd_t_range)
+        _check(len(self.dmd_t_range) == 2 and 0 <= self.dmd_t_range[0] <= self.dmd_t_range[1] <= 999,
+               "nitro.dmd_t_range must be [low, high] with 0 <= low <= high <= 999")
+        _check(self.dmd_fake_steps >= 1 and self.dmd_lr > 0, "nitro.dmd_fake_steps must be >= 1, nitro.dmd_lr > 0")
+        _check(self.dmd_guidance >= 0, "nitro.dmd_guidance must be >= 0 (0: teacher.guidance_scale)")
         _check(1 <= self.adv_min_steps <= 4, "nitro.adv_min_steps must be in 1..4")
         _check(self.adv_min_steps == 1 or self.reg_weight > 0,
                "nitro.adv_min_steps > 1 needs nitro.reg_weight > 0 (1-step iterations would have no loss)")
