@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .conditioning import Conditioning, unet_kwargs
-from .models import add_noise
+from .models import add_noise, x0_from_eps
+from .stage1 import guided_eps
 
 
 @dataclass
@@ -54,15 +55,6 @@ class DMDDraws:
         return DMDDraws(self.t[i], self.noise[i], [t[i] for t in self.fake_t], [z[i] for z in self.fake_noise])
 
 
-def _per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
-
-
-def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    a = _per_row(abar[t.cpu()], x_t)
-    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-
-
 @torch.no_grad()
 def dmd_direction(teacher, fake_score, x0: torch.Tensor, cond: Conditioning, uncond: Conditioning,
                   t: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -72,16 +64,9 @@ def dmd_direction(teacher, fake_score, x0: torch.Tensor, cond: Conditioning, unc
     x0 = x0.detach().float()
     ts = t.to(x0.device)
     x_t = add_noise(x0, noise.to(x0.device, x0.dtype), ts, abar)
-    dtype = next(teacher.parameters()).dtype
-    if guidance == 1.0:
-        eps_real = teacher(x_t.to(dtype), ts, **unet_kwargs(cond)).sample.float()
-    else:
-        both = teacher(torch.cat([x_t, x_t]).to(dtype), torch.cat([ts, ts]),
-                       **unet_kwargs(Conditioning.cat([uncond, cond]))).sample.float()
-        e_u, e_c = both.chunk(2)
-        eps_real = e_u + guidance * (e_c - e_u)
+    eps_real = guided_eps(teacher, x_t.to(next(teacher.parameters()).dtype), ts, cond, uncond, guidance).float()
     eps_fake = fake_score(x_t.to(next(fake_score.parameters()).dtype), ts, **unet_kwargs(cond)).sample.float()
-    real, fake = x0_from_eps(x_t, eps_real, t, abar), x0_from_eps(x_t, eps_fake, t, abar)
+    real, fake = x0_from_eps(x_t, eps_real, ts, abar), x0_from_eps(x_t, eps_fake, ts, abar)
     scale = (x0 - real).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True).clamp_min(1e-6)
     return torch.nan_to_num((fake - real) / scale)
 

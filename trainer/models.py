@@ -123,6 +123,12 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torc
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """add_noise's inverse given the noise: (x_t - sqrt(1 - abar) eps) / sqrt(abar), per-row t."""
+    a = abar.to(x_t.device)[t].view(-1, 1, 1, 1).to(x_t.dtype)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -43,6 +43,16 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
+def guided_eps(unet, x: torch.Tensor, t, cond: Conditioning, uncond: Conditioning, guidance: float) -> torch.Tensor:
+    """The UNet's classifier-free guided epsilon, e_u + guidance (e_c - e_u), both halves in one call; guidance 1:
+    one conditional call. `t`: one timestep for all rows, or (B,) per row."""
+    if guidance == 1.0:
+        return unet(x, t, **unet_kwargs(cond)).sample
+    both_t = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim else t
+    e_u, e_c = unet(torch.cat([x, x]), both_t, **unet_kwargs(Conditioning.cat([uncond, cond]))).sample.chunk(2)
+    return e_u + guidance * (e_c - e_u)
+
+
 @dataclass
 class TeacherSampler:
     """How the teacher draws x0 (the cache's reals, stage 3's k-step targets): `solver` with classifier-free
@@ -89,20 +99,13 @@ class TeacherSampler:
                 raise ValueError("teacher.solver=ddim cannot start part-way (nitro.reg_multistep=teacher)")
             sched.set_timesteps(timesteps=[round(start - i * (start + 1) / steps) for i in range(steps)],
                                 device=noise.device)
-        both_cond = unet_kwargs(Conditioning.cat([uncond, cond]))
         if start is not None and self.solver == "euler":  # Euler runs on x / sqrt(abar): scale x_start to it
             x = noise * (sched.sigmas[0] ** 2 + 1) ** 0.5
         else:
             x = noise * sched.init_noise_sigma
         step_kwargs = {"generator": generator} if self.solver == "lcm" else {}
         for t in sched.timesteps:
-            x_in = sched.scale_model_input(x, t)
-            if self.guidance == 1.0:
-                eps = unet(x_in, t, **unet_kwargs(cond)).sample
-            else:
-                both = unet(torch.cat([x_in, x_in]), t, **both_cond).sample
-                e_u, e_c = both.chunk(2)
-                eps = e_u + self.guidance * (e_c - e_u)
+            eps = guided_eps(unet, sched.scale_model_input(x, t), t, cond, uncond, self.guidance)
             x = sched.step(eps, t, x, **step_kwargs).prev_sample
         return x
 
