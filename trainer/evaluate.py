@@ -39,12 +39,13 @@ ABLATIONS: dict[str, list[str]] = {
     "global heads only": ['nitro.pool.tasks=["global_cond"]'],
     "conditional heads only": ['nitro.pool.tasks=["global_cond","local_cond"]'],
     "adversarial only (the paper: no L2 term)": ["nitro.reg_weight=0"],
-    "L2 term only (no discriminator signal)": ["nitro.adv_weight=0"],
+    # Named for what is taken away: the other terms (the L2 anchor, and the DMD term where the recipe has one) stay.
+    "no discriminator signal": ["nitro.adv_weight=0"],
 }
 # Controls trained on the main run's whole schedule (every bottom-up phase), scored at 1 and 4 steps: does the
 # discriminator's signal matter there, where the phase-1 ablations cannot tell?
 CONTROLS: dict[str, list[str]] = {
-    "L2 term only, every phase (no discriminator signal)": ["nitro.adv_weight=0"],
+    "no discriminator signal, every phase": ["nitro.adv_weight=0"],
 }
 
 
