@@ -166,3 +166,23 @@ def test_eval_controls_only_trains_and_scores_the_control_and_no_ablation(tiny_t
     assert not set(ABLATIONS) & set(names)
     assert [n for n in names if n.startswith(next(iter(CONTROLS)))] == [f"{next(iter(CONTROLS))}, 1 step",
                                                                       f"{next(iter(CONTROLS))}, 4 steps"]
+
+
+def test_loss_figure_gets_a_dmd_panel_only_when_stage_3_logged_the_term(tmp_path):
+    """The DMD term's loss and its fake score's are drawn when nitro/metrics.csv has them (a panel is 4 inches at
+    100 dpi: 6 panels without the term, 7 with it)."""
+    from PIL import Image
+
+    from trainer.eval_plots import plot_losses
+
+    widths = {}
+    for dmd in (False, True):
+        work = tmp_path / str(dmd)
+        (work / "nitro").mkdir(parents=True)
+        cols = ["step", "loss_g", "loss_d", "loss_reg"] + (["loss_dmd", "loss_fake"] if dmd else [])
+        rows = [",".join(cols)] + [",".join(str(0.5 + 0.01 * i) if c != "step" else str(i) for c in cols)
+                                   for i in range(1, 20)]
+        (work / "nitro" / "metrics.csv").write_text("\n".join(rows) + "\n")
+        plot_losses(work, work / "loss.png")
+        widths[dmd] = Image.open(work / "loss.png").size[0]
+    assert widths == {False: 2400, True: 2800}
