@@ -75,7 +75,7 @@ def _shapes16() -> TrainConfig:
     draws more prompts right at 1 and 4 steps, and its latents hold the checks and stripes (EVAL.md). The model
     bundled since 2026-12-03 (round 19) is this recipe's: round 16's uninterrupted run (72.8 minutes on a 2-core CPU
     on a fast day), its stage 3 rerun with the distribution-matching term, about 78.4 minutes in all by timed stages
-    on that day, where issue 15 allows 90 (BENCHMARKS.md)."""
+    on that day and about 96 scaled to a slow one, where issue 15 allows 90 (BENCHMARKS.md)."""
     cfg = TrainConfig(recipe="shapes16")
     cfg.autoencoder = AutoencoderConfig(block_out_channels=(16, 32, 64), kl_weight=1e-4)
     cfg.teacher = TeacherConfig(unet=UNetConfig(block_out_channels=(32, 32, 64, 128), norm_num_groups=8,
@@ -106,7 +106,7 @@ def _shapes16() -> TrainConfig:
     # [+0.1, +2.1] points, 4 steps +1.5 / +1.1, beyond the intervals (round 15's bundled run: +0.8, inside, at 1
     # step, +1.4 at 4); the local unconditional heads at 0.33 it replaces were even with that control (-0.1
     # [-0.6, +0.4]). Stage 3 costs 1.56x, 1.3x since its encoder stops at level 5 (docs/training.md, rounds 15 and
-    # 16; BENCHMARKS.md). Round 16's run, the bundled model now, over a stronger init: +0.6 at 1 step (inside), +0.6 at 4 (beyond).
+    # 16; BENCHMARKS.md). Round 16's run (bundled until round 19), over a stronger init: +0.6 at 1 step (inside), +0.6 at 4 (beyond).
     cfg.nitro = NitroConfig(pool=PoolConfig(refresh_fraction=0.001, tasks=("global_cond",), timesteps=(10,),
                                             levels=(0, 1, 2, 3, 5), replay=7, mismatch=1.0),
                             disc_steps=1, adv_weight=1.0, reg_multistep="teacher", seed=1,
