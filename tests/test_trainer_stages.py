@@ -385,7 +385,9 @@ def test_shapes16_recipe_is_4x_down_and_its_parts_agree(tmp_path):
     assert cfg.cache.num_pairs == 8192 and (cfg.init.optim.steps, cfg.init.optim.decay_steps) == (6000, 1000)
     pool = cfg.nitro.pool
     assert pool.tasks == ("global_cond",) and pool.timesteps == (10,) and pool.levels == (0, 1, 2, 3, 5)
-    assert pool.mismatch == 1 and pool.replay == 7 and cfg.nitro.disc_steps == 1 and cfg.nitro.adv_weight == 1
+    assert pool.mismatch == 1 and pool.replay == 7 and cfg.nitro.disc_steps == 1
+    # rounds 19-20: the DMD term (three fake-score updates) beside heads at three times the weight
+    assert (cfg.nitro.adv_weight, cfg.nitro.dmd_weight, cfg.nitro.dmd_fake_steps) == (3, 3, 3)
     shapes = recipe("shapes")
     assert shapes.autoencoder.scale_factor == 8 and shapes.teacher.offset_noise == 0 and shapes.nitro.disc_steps == 1
     cfg.save(tmp_path / "c.json")

@@ -73,9 +73,10 @@ def _shapes16() -> TrainConfig:
       round 15's bundled run +0.8 and round 16's +0.6, inside).
     It makes the bundled model (trainer.config.BUNDLED_RECIPE) since 2026-11-30: against the 8x8 `shapes` model it
     draws more prompts right at 1 and 4 steps, and its latents hold the checks and stripes (EVAL.md). The model
-    bundled since 2026-12-03 (round 19) is this recipe's: round 16's uninterrupted run (72.8 minutes on a 2-core CPU
-    on a fast day), its stage 3 rerun with the distribution-matching term, about 78.4 minutes in all by timed stages
-    on that day and about 96 scaled to a slow one, where issue 15 allows 90 (BENCHMARKS.md)."""
+    bundled since 2026-12-03 (rounds 19-20) is this recipe's: round 16's uninterrupted run (72.8 minutes on a 2-core
+    CPU on a fast day), its stage 3 rerun with the distribution-matching term and the heads at weight 3, about 78
+    minutes in all by timed stages at that day's speed and about 99 at a slow day's, where issue 15 allows 90
+    (BENCHMARKS.md)."""
     cfg = TrainConfig(recipe="shapes16")
     cfg.autoencoder = AutoencoderConfig(block_out_channels=(16, 32, 64), kl_weight=1e-4)
     cfg.teacher = TeacherConfig(unet=UNetConfig(block_out_channels=(32, 32, 64, 128), norm_num_groups=8,
@@ -109,15 +110,20 @@ def _shapes16() -> TrainConfig:
     # 16; BENCHMARKS.md). Round 16's run (bundled until round 19), over a stronger init: +0.6 at 1 step (inside), +0.6 at 4 (beyond).
     cfg.nitro = NitroConfig(pool=PoolConfig(refresh_fraction=0.001, tasks=("global_cond",), timesteps=(10,),
                                             levels=(0, 1, 2, 3, 5), replay=7, mismatch=1.0),
-                            disc_steps=1, adv_weight=1.0, reg_multistep="teacher", seed=1,
-                            # DMD2's distribution-matching term, its fake score updated 5 times an iteration
-                            # (round 19): the L2 anchor capped the 1-step student at its init's alignment. Two
-                            # runs over round 16's stages, paired against it on the 2,000 eval images: 1 step +1.8
+                            # adv_weight 3 (round 20): beside the DMD term, three times the heads' weight kept
+                            # the 1-step alignment (+0.0 [-0.8, +0.9], 1,000 validation prompts) and gave back 2.0
+                            # of the DMD term's shapes-FID there; 10 broke the student (-7.7 points).
+                            disc_steps=1, adv_weight=3.0, reg_multistep="teacher", seed=1,
+                            # DMD2's distribution-matching term, its fake score updated 3 times an iteration
+                            # (DMD2: 5; three scored as five did on the validation prompts, 95.5% / 95.3%), since
+                            # round 19: the L2 anchor capped the 1-step student at its init's alignment. Two
+                            # runs (five updates, adv_weight 1) over round 16's stages, paired against it on the
+                            # 2,000 eval images: 1 step +1.8
                             # [+0.7, +2.9] and +1.4 [+0.3, +2.6] points, 2-3 steps +1.2 to +2.0, 4 steps even; the
                             # price, a 1-step shapes-FID 3.4-3.7 worse (1.44x the teacher's, from 1.26x), 4 steps
                             # even. With it the pool earns its place at 1 step: against the same schedule without
                             # the heads' signal, shapes-FID -1.99 [-2.73, -1.29] (paired). Stage 3 costs 1.8x.
-                            dmd_weight=3.0, dmd_fake_steps=5)
+                            dmd_weight=3.0, dmd_fake_steps=3)
     cfg.preview = PreviewConfig(blocks=(2, 2, 1))  # one block count per decoder level: three levels at 4x down
     return cfg
 
