@@ -111,18 +111,20 @@ def _shapes16() -> TrainConfig:
     cfg.nitro = NitroConfig(pool=PoolConfig(refresh_fraction=0.001, tasks=("global_cond",), timesteps=(10,),
                                             levels=(0, 1, 2, 3, 5), replay=7, mismatch=1.0),
                             # adv_weight 3 (round 20): beside the DMD term, three times the heads' weight kept
-                            # the 1-step alignment (+0.0 [-0.8, +0.9], 1,000 validation prompts) and gave back 2.0
-                            # of the DMD term's shapes-FID there; 10 broke the student (-7.7 points).
+                            # the 1-step alignment (+0.0 [-0.8, +0.9], 1,000 validation prompts; -0.2 on the 2,000
+                            # eval images) and gave back part of the DMD term's shapes-FID (-0.77 [-1.37, -0.13] on
+                            # the eval set); 5 lost 1.2 points for no FID, 10 broke the student (-7.7 points).
                             disc_steps=1, adv_weight=3.0, reg_multistep="teacher", seed=1,
-                            # DMD2's distribution-matching term, its fake score updated 3 times an iteration
-                            # (DMD2: 5; three scored as five did on the validation prompts, 95.5% / 95.3%), since
-                            # round 19: the L2 anchor capped the 1-step student at its init's alignment. Two
-                            # runs (five updates, adv_weight 1) over round 16's stages, paired against it on the
-                            # 2,000 eval images: 1 step +1.8
-                            # [+0.7, +2.9] and +1.4 [+0.3, +2.6] points, 2-3 steps +1.2 to +2.0, 4 steps even; the
-                            # price, a 1-step shapes-FID 3.4-3.7 worse (1.44x the teacher's, from 1.26x), 4 steps
-                            # even. With it the pool earns its place at 1 step: against the same schedule without
-                            # the heads' signal, shapes-FID -1.99 [-2.73, -1.29] (paired). Stage 3 costs 1.8x.
+                            # DMD2's distribution-matching term since round 19: the L2 anchor capped the 1-step
+                            # student at its init's alignment. Its fake score is updated 3 times an iteration (DMD2:
+                            # 5; three scored as five did on the validation prompts, 95.5% / 95.3%). Two runs (five
+                            # updates, adv_weight 1) over round 16's stages, paired against it on the 2,000 eval
+                            # images: 1 step +1.8 [+0.7, +2.9] and +1.4 [+0.3, +2.6] points, 2-3 steps +1.2 to
+                            # +2.0, 4 steps even; the price, a 1-step shapes-FID 3.4-3.7 worse (1.44x the teacher's,
+                            # from 1.26x; 1.40x with the heads at 3), 4 steps even. With it the pool earns its place:
+                            # against the same schedule without the heads' signal, shapes-FID -3.22 [-4.19, -2.38]
+                            # at 1 step and -0.81 [-1.55, -0.11] at 4 (paired; heads at 1: -1.99 and -0.38). Stage 3
+                            # costs about 1.8x the schedule without the term.
                             dmd_weight=3.0, dmd_fake_steps=3)
     cfg.preview = PreviewConfig(blocks=(2, 2, 1))  # one block count per decoder level: three levels at 4x down
     return cfg
