@@ -186,6 +186,31 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_install():
         OptimConfig(optimizer="sgd")
 
 
+def test_fused_adamw_takes_the_loops_steps():
+    """optim.fused (the default): AdamW's fused kernel, the same update as the per-tensor loop up to rounding, over
+    several steps with weight decay; off, or for parameters it cannot take, the loop."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    fused = make_optimizer([torch.nn.Parameter(p.detach().clone()) for p in ps], OptimConfig(weight_decay=0.01))
+    loop = make_optimizer([torch.nn.Parameter(p.detach().clone()) for p in ps],
+                          OptimConfig(weight_decay=0.01, fused=False))
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in ps]
+        for opt in (fused, loop):
+            for q, g in zip(opt.param_groups[0]["params"], grads):
+                q.grad = g.clone()
+            opt.step()
+    for a, b, p in zip(fused.param_groups[0]["params"], loop.param_groups[0]["params"], ps):
+        assert not torch.equal(a, p)  # they moved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    mixed = make_optimizer([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64)),
+                           torch.nn.Parameter(torch.zeros(2), requires_grad=True)], OptimConfig())
+    assert mixed.defaults["fused"]  # float64 and float32 alike
+    meta = make_optimizer([torch.nn.Parameter(torch.zeros(2, device="meta"))], OptimConfig())
+    assert not meta.defaults["fused"]
+
+
 def test_training_benchmark_runs_tiny_on_the_cpu(tmp_path):
     """bench/train_sdxl.py --tiny: the GPU benchmark's code path (SDXL conditioning, bf16 autocast, bf16 frozen
     encoder, the largest-batch search) on tiny models. A subprocess: it sets its own accelerator and threads."""

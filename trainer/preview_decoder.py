@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from .config import BUNDLED_RECIPE, DataConfig, PreviewConfig, TrainConfig, apply_overrides, recipe
 from .loop import set_lr
 from .shapes import ShapesDataset
+from .skeleton import adamw
 from .stage1 import decode_latents, encode_images
 
 SETTINGS_FILE = "distill_config.json"  # beside config.json in vae_preview/: how it was made, and how well it does
@@ -101,7 +102,7 @@ def distil(vae, cfg: PreviewConfig, data_cfg: DataConfig, seed: int = 0, log=pri
     torch.manual_seed(seed)
     tiny = build_preview_decoder(cfg, int(vae.config.latent_channels), len(vae.config.block_out_channels))
     o = cfg.optim
-    opt = torch.optim.AdamW(tiny.decoder.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    opt = adamw(tiny.decoder.parameters(), fused=o.fused, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     tiny.train()
     losses: list[float] = []
     for step in range(o.steps):

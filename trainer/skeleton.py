@@ -119,7 +119,16 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig,
         except ImportError as e:
             raise ValueError("optim.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return adamw(params, fused=optim.fused, **kwargs)
+
+
+def adamw(params: Iterable[torch.nn.Parameter], fused: bool = True, **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW, its fused kernel when asked for and the parameters allow it (floating point, on a device
+    that has the kernel); else the per-tensor loop."""
+    params = list(params)
+    if fused and not all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        fused = False
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
 def step_optimizer(accelerator, optimizer, params, optim: OptimConfig) -> None:

@@ -41,7 +41,7 @@ from .nitro_step import (
     generator_step,
     student_x0,
 )
-from .skeleton import StageJob, make_optimizer, moving_average, run_stage
+from .skeleton import StageJob, adamw, make_optimizer, moving_average, run_stage
 from .stage1 import TeacherSampler
 
 PHASE1_DIR = "unet_phase1"  # snapshot of the student when phase 1 (one-step training) ends
@@ -91,13 +91,13 @@ class NitroJob(StageJob):
         self.ema = moving_average(stage, self.student, c.ema_decay, "student_ema")
         self.opt_g = make_optimizer(self.student.parameters(), c.optim)
         # The heads' optimizer is always plain AdamW: small, and refresh drops its per-head state.
-        self.opt_d = torch.optim.AdamW(self.pool.parameters(), lr=c.lr_disc, betas=(0.0, 0.99))
+        self.opt_d = adamw(self.pool.parameters(), fused=c.optim.fused, lr=c.lr_disc, betas=(0.0, 0.99))
         stage.register("student", self.student, self.opt_g)
         stage.register("pool", self.pool, self.opt_d)
         self.fake_score = self.opt_fake = None
         if c.dmd_weight:  # the DMD term's fake score starts as the teacher, in fp32, and trains
             self.fake_score = copy.deepcopy(self.teacher).float().to(dev).requires_grad_(True)
-            self.opt_fake = torch.optim.AdamW(self.fake_score.parameters(), lr=c.dmd_lr)
+            self.opt_fake = adamw(self.fake_score.parameters(), fused=c.optim.fused, lr=c.dmd_lr)
             stage.register("fake_score", self.fake_score, self.opt_fake)
 
     def describe(self) -> str:
