@@ -74,9 +74,11 @@ def _shapes16() -> TrainConfig:
     It makes the bundled model (trainer.config.BUNDLED_RECIPE) since 2026-11-30: against the 8x8 `shapes` model it
     draws more prompts right at 1 and 4 steps, and its latents hold the checks and stripes (EVAL.md). The model
     bundled since 2026-12-03 (rounds 19-20) is this recipe's: round 16's uninterrupted run (72.8 minutes on a 2-core
-    CPU on a fast day), its stage 3 rerun with the distribution-matching term and the heads at weight 3, about 78
-    minutes in all by timed stages at that day's speed and about 99 at a slow day's, where issue 15 allows 90
-    (BENCHMARKS.md)."""
+    CPU on a fast day), its stage 3 rerun with the distribution-matching term and the heads at weight 3 (AdamW's
+    per-tensor loop then; the recipe has used the fused kernel since round 21). The recipe as it stands took 77.3
+    minutes in one run on that CPU (round 21), where issue 15 allows 90; that run's model drew 3.5 points fewer
+    validation prompts right at 1 step than the bundled one, the spread of the whole chain (BENCHMARKS.md;
+    docs/training.md, round 21)."""
     cfg = TrainConfig(recipe="shapes16")
     cfg.autoencoder = AutoencoderConfig(block_out_channels=(16, 32, 64), kl_weight=1e-4)
     cfg.teacher = TeacherConfig(unet=UNetConfig(block_out_channels=(32, 32, 64, 128), norm_num_groups=8,
