@@ -205,7 +205,7 @@ def test_fused_adamw_takes_the_loops_steps():
         assert not torch.equal(a, p)  # they moved
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     mixed = make_optimizer([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64)),
-                           torch.nn.Parameter(torch.zeros(2), requires_grad=True)], OptimConfig())
+                           torch.nn.Parameter(torch.zeros(2))], OptimConfig())
     assert mixed.defaults["fused"]  # float64 and float32 alike
     meta = make_optimizer([torch.nn.Parameter(torch.zeros(2, device="meta"))], OptimConfig())
     assert not meta.defaults["fused"]

@@ -90,7 +90,7 @@ class NitroJob(StageJob):
             self.student.enable_gradient_checkpointing()
         self.ema = moving_average(stage, self.student, c.ema_decay, "student_ema")
         self.opt_g = make_optimizer(self.student.parameters(), c.optim)
-        # The heads' optimizer is always plain AdamW: small, and refresh drops its per-head state.
+        # The heads' optimizer is never the 8-bit one: small, and refresh drops its per-head state.
         self.opt_d = adamw(self.pool.parameters(), fused=c.optim.fused, lr=c.lr_disc, betas=(0.0, 0.99))
         stage.register("student", self.student, self.opt_g)
         stage.register("pool", self.pool, self.opt_d)

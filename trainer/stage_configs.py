@@ -50,8 +50,8 @@ class OptimConfig:
     # with its optimizer state fit beside the frozen teacher encoder on one card.
     optimizer: str = "adamw"
     # AdamW's fused kernel (one pass over every parameter) instead of torch's per-tensor loop; the same update up to
-    # float rounding. On this 2-core CPU a step of the shapes16 UNet's 4.2M parameters (364 tensors) takes 4.3 ms
-    # against 13.1, about 7% of a teacher training step (bench/optimizer_step.py). Applies to every AdamW a stage
+    # float rounding. On this 2-core CPU a step of the shapes16 UNet's 4.2M parameters (364 tensors) takes 3.5 ms
+    # against 13.0, a teacher training step 0.933x (bench/optimizer_step.py, BENCHMARKS.md). Applies to every AdamW a stage
     # makes from this config (stage 3: the student's, the heads', the DMD fake score's); not to adamw8bit.
     fused: bool = True
     checkpoint_every: int = 200
