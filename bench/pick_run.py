@@ -10,6 +10,11 @@ within noise of each other).
 
     python bench/pick_run.py --recipe shapes16 --run seed0=W0/model --run seed1=W1/model --images 1000
     python bench/pick_run.py --run a=A/model --run b=B/model --steps 4     # 4-step images; b paired against a
+    python bench/pick_run.py --run T4=models/default --run d=D/model --run p=P/model --ref T4 --ref d
+
+Every run draws the same prompts and noise, so each run is also paired against a reference run (the first, or each
+`--ref` in turn: one table per reference): its alignment and its shapes-FID minus the reference's, with the paired
+95% intervals (trainer/eval_stats.py), which tell apart differences far smaller than the rows' own intervals.
 """
 
 from __future__ import annotations
@@ -45,27 +50,34 @@ def validation_scores(recipe_name: str, runs: dict[str, Path], n: int, steps: in
         hits = detections(images, attrs)["all"]
         feats = extract(net, images)
         out[name] = {"alignment": float(hits.mean()), "alignment_ci": proportion_ci(hits), "hits": hits,
-                     "fid": frechet_distance(feats, real), "fid_ci": fid_ci(feats, real)}
+                     "fid": frechet_distance(feats, real), "fid_ci": fid_ci(feats, real),
+                     "features": feats, "reference": real}
         print(f"{name}: alignment {100 * hits.mean():.1f}%, FID {out[name]['fid']:.2f}", flush=True)
     return out
 
 
-def table(scores: dict[str, dict], steps: int) -> list[str]:
+def table(scores: dict[str, dict], steps: int, ref: str | None = None) -> list[str]:
     """Markdown rows: each run's alignment and shapes-FID with their intervals. Every run drew the same prompts and
-    noise, so each run after the first also gets its alignment minus the first run's, with the paired interval."""
-    from trainer.eval_stats import paired_difference_ci
+    noise, so each run but the reference (default: the first) also gets its alignment and its shapes-FID minus the
+    reference's, with the paired intervals (the FID one where both runs kept their per-image features)."""
+    from trainer.eval_stats import paired_difference_ci, paired_fid_difference_ci
 
-    first = next(iter(scores.values()))
-    lines = [f"| run | {steps}-step alignment | vs the first run (paired) | shapes-FID |", "|---|---|---|---|"]
-    for i, (name, s) in enumerate(scores.items()):
+    ref = ref if ref is not None else next(iter(scores))
+    base = scores[ref]
+    lines = [f"| run | {steps}-step alignment | vs {ref} (paired) | shapes-FID | vs {ref} (paired) |",
+             "|---|---|---|---|---|"]
+    for name, s in scores.items():
         lo, hi = s["alignment_ci"]
         flo, fhi = s["fid_ci"]
-        paired = ""
-        if i:
-            dlo, dhi = paired_difference_ci(s["hits"], first["hits"])
-            paired = f"{100 * (s['alignment'] - first['alignment']):+.1f} [{100 * dlo:+.1f}, {100 * dhi:+.1f}]"
+        paired = fid_paired = ""
+        if name != ref:
+            dlo, dhi = paired_difference_ci(s["hits"], base["hits"])
+            paired = f"{100 * (s['alignment'] - base['alignment']):+.1f} [{100 * dlo:+.1f}, {100 * dhi:+.1f}]"
+            if s.get("features") is not None and base.get("features") is not None:
+                flo_d, fhi_d = paired_fid_difference_ci(s["features"], base["features"], s["reference"])
+                fid_paired = f"{s['fid'] - base['fid']:+.2f} [{flo_d:+.2f}, {fhi_d:+.2f}]"
         lines.append(f"| {name} | {100 * s['alignment']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] | {paired} | "
-                     f"{s['fid']:.2f} [{flo:.2f}, {fhi:.2f}] |")
+                     f"{s['fid']:.2f} [{flo:.2f}, {fhi:.2f}] | {fid_paired} |")
     return lines
 
 
@@ -82,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--alignment-slack", type=float, default=2.0, metavar="POINTS")
     ap.add_argument("--steps", type=int, default=1, help="sampling steps of every run's images (default 1)")
+    ap.add_argument("--ref", action="append", default=[], metavar="NAME",
+                    help="pair every other run against this one (repeatable: one table each; default the first run)")
     args = ap.parse_args(argv)
     runs = {}
     for item in args.run:
@@ -90,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--run {item!r}: expected NAME=MODEL_DIR with an exported model", file=sys.stderr)
             return 2
         runs[name] = Path(folder)
+    unknown = [r for r in args.ref if r not in runs]
+    if unknown:
+        print(f"--ref {unknown[0]!r}: not one of the runs ({', '.join(runs)})", file=sys.stderr)
+        return 2
     scores = validation_scores(args.recipe, runs, args.images, steps=args.steps)
-    print("\n" + "\n".join(table(scores, args.steps)))
+    for ref in args.ref or [None]:
+        print("\n" + "\n".join(table(scores, args.steps, ref)))
     print(f"\npicked: {pick(scores, args.alignment_slack)} (lowest FID within {args.alignment_slack:g} points of the "
           f"best alignment; {args.images} validation images each)")
     return 0

@@ -223,11 +223,45 @@ def test_pick_run_table_pairs_each_run_against_the_first_on_the_same_images():
     scores = {name: {"alignment": float(h.mean()), "alignment_ci": (0.0, 1.0), "hits": h, "fid": 30.0,
                      "fid_ci": (25.0, 35.0)} for name, h in (("a", a), ("b", b), ("a_again", a))}
     lines = mod.table(scores, steps=4)
-    assert lines[0].startswith("| run | 4-step alignment | vs the first run (paired) |")
+    assert lines[0].startswith("| run | 4-step alignment | vs a (paired) |")
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert cells[0][2] == ""
     assert cells[1][2].startswith("+5.0 [+") and " -" not in cells[1][2]
     assert cells[2][2] == "+0.0 [+0.0, +0.0]"
+    assert [c[4] for c in cells] == ["", "", ""]  # no per-image features kept: no paired FID cell
+
+
+def test_pick_run_table_pairs_alignment_and_fid_against_a_chosen_run():
+    """--ref b: the table pairs against b, not the first run. With per-image features kept, the FID cell is the
+    run's FID minus b's with the paired interval: a's features are b's shifted along one axis, so a's FID is higher
+    by a margin every resample sees, and b against itself would read +0.00 (it has no cell: it is the reference)."""
+    mod = load_script("bench/pick_run.py")
+    from trainer.features import frechet_distance
+
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(300, 6))
+    fb = rng.normal(size=(300, 6))
+    fa = fb + np.array([1.0, 0, 0, 0, 0, 0])
+    hits = rng.random(300) < 0.9
+    scores = {name: {"alignment": float(hits.mean()), "alignment_ci": (0.0, 1.0), "hits": hits,
+                     "fid": frechet_distance(f, real), "fid_ci": (0.0, 99.0), "features": f, "reference": real}
+              for name, f in (("a", fa), ("b", fb))}
+    lines = mod.table(scores, steps=1, ref="b")
+    assert lines[0] == "| run | 1-step alignment | vs b (paired) | shapes-FID | vs b (paired) |"
+    cells = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines[2:])}
+    assert cells["b"][2] == cells["b"][4] == ""
+    assert cells["a"][2] == "+0.0 [+0.0, +0.0]"
+    diff = scores["a"]["fid"] - scores["b"]["fid"]
+    assert diff > 0.5 and cells["a"][4].startswith(f"{diff:+.2f} [+")
+
+
+def test_pick_run_refuses_a_reference_that_is_not_a_run(tmp_path, capsys):
+    mod = load_script("bench/pick_run.py")
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    assert mod.main(["--run", f"x={model}", "--ref", "y"]) == 2
+    assert "--ref 'y'" in capsys.readouterr().err
 
 
 def test_compare_runs_by_fill_splits_each_rows_hits_by_object_size_and_fill(tmp_path):
