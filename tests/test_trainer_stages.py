@@ -166,6 +166,41 @@ def test_cli_rejects_bad_config_in_one_line(tmp_path):
     assert "nitro.loss" in proc.stderr
 
 
+def test_cli_names_the_missing_stage_instead_of_failing_in_a_model_load(tmp_path):
+    """`--stage nitro` on a fresh work folder used to end in diffusers' OSError traceback ("couldn't connect to
+    huggingface.co ... autoencoder/vae"); it now says which stage to run, before any work."""
+    proc = subprocess.run([*CLI, "train", "--recipe", "tiny", "--work", str(tmp_path / "w"), "--stage", "nitro"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "stage 'nitro' needs the autoencoder stage, which has not run" in proc.stderr
+    assert "--stage autoencoder" in proc.stderr
+    assert not (tmp_path / "w" / "nitro").exists()
+
+
+def test_missing_stage_reads_done_markers_and_what_the_call_runs_itself(tmp_path):
+    """Only a stage's DONE marker counts (an interrupted stage is a folder without one); a stage run earlier in the
+    same call counts as there; --init-unet drops the init stage; with --from the frozen components are the model's."""
+    from trainer.recipe import missing_stage
+
+    cfg, out = recipe("tiny"), tmp_path / "model"
+    for name in ("autoencoder", "text"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "DONE").write_text("{}")
+    (tmp_path / "teacher").mkdir()  # interrupted: a checkpoint, no DONE
+    assert "the teacher stage, which has not finished" in missing_stage(cfg, tmp_path, out, ["cache"], STAGES)
+    assert missing_stage(cfg, tmp_path, out, ["teacher", "cache", "init", "nitro"], STAGES) is None
+    assert "the init stage, which has not run" in missing_stage(cfg, tmp_path, out, ["teacher", "cache", "nitro"],
+                                                                STAGES)
+    cfg.source.init_unet = "student.safetensors"
+    assert missing_stage(cfg, tmp_path, out, ["teacher", "cache", "nitro"], STAGES) is None
+    assert "needs the exported student" in missing_stage(cfg, tmp_path, out, ["preview"], STAGES)
+    assert "the nitro stage, which has not run" in missing_stage(cfg, tmp_path, out, ["export"], STAGES)
+    (tmp_path / "nitro").mkdir()
+    (tmp_path / "nitro" / "DONE").write_text("{}")
+    assert missing_stage(cfg, tmp_path, out, ["export", "preview"], STAGES) is None
+    assert missing_stage(cfg, tmp_path / "fresh", out, ["cache"], ("cache", "init", "nitro", "export")) is None
+
+
 def one_step_error(unet_dir: Path, work: Path, cfg) -> float:
     """MSE of a UNet's one-step output from the cached teacher noises against their teacher samples."""
     from diffusers import UNet2DConditionModel

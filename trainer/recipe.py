@@ -23,6 +23,35 @@ def stage_dirs(work: Path) -> dict[str, Path]:
     return {name: work / name for name in STAGES if name != "export"}
 
 
+# What each stage reads from earlier stages (the source's own stages only where the source has them: with --from the
+# frozen components come from the model). "export" means the exported folder `--out`.
+NEEDS = {"teacher": ("autoencoder", "text"), "cache": ("autoencoder", "text", "teacher"),
+         "init": ("autoencoder", "text", "teacher", "cache"), "nitro": ("autoencoder", "text", "teacher", "cache", "init"),
+         "export": ("autoencoder", "text", "nitro"), "preview": ("export",)}
+
+
+def missing_stage(cfg: TrainConfig, work: Path, out: Path, todo: list[str], source_stages) -> str | None:
+    """A one-line reason when a stage asked for reads a stage that is neither finished in `work` (its DONE marker;
+    an interrupted stage has none) nor run before it in this call; else None. Checked before any work, so a
+    `--stage nitro` on a fresh folder says what to run instead of failing deep inside a model load."""
+    for name in (s for s in STAGES if s in todo):
+        for need in NEEDS.get(name, ()):
+            if need in todo or (need != "export" and need not in source_stages):
+                continue
+            if need == "init" and cfg.source.init_unet:
+                continue
+            if need == "export":
+                if (out / "vae" / "config.json").is_file():
+                    continue
+                return (f"stage {name!r} needs the exported student in {out}, which has no vae/: add --stage export "
+                        f"(or run every stage)")
+            if not (work / need / "DONE").is_file():
+                state = "has not finished" if (work / need).is_dir() else "has not run"
+                return (f"stage {name!r} needs the {need} stage, which {state} in {work}: add --stage {need} "
+                        f"(an interrupted stage resumes), or run every stage")
+    return None
+
+
 def frozen_dirs(work: Path) -> dict[str, Path]:
     return {"vae": work / "autoencoder" / "vae", "tokenizer": work / "text" / "tokenizer",
             "text_encoder": work / "text" / "text_encoder"}
@@ -78,8 +107,11 @@ def run(cfg: TrainConfig, work: Path, out: Path, stages: list[str] | None = None
     if foreign:
         raise NitroError(f"stage {foreign[0]!r} trains the shapes recipe's own components; with --from the stages "
                          f"are {', '.join(source.stages)}")
-    acc = make_accelerator(cfg.run)
     work, out = Path(work), Path(out)
+    reason = missing_stage(cfg, work, out, todo, source.stages)
+    if reason:
+        raise NitroError(reason)
+    acc = make_accelerator(cfg.run)
     d = stage_dirs(work)
     exported = None
     clock = StageClock(work if acc.is_main_process else None)
