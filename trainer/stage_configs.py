@@ -356,7 +356,9 @@ class NitroConfig:
     dmd_fake_steps: int = 1  # fake-score updates per iteration (DMD2: 5)
     # The noise levels the term and the fake score draw from (DMD2's). Round 21, one run each on 1,000 validation
     # prompts: [20, 600] kept the 1-step alignment (-0.9 [-2.1, +0.4]) with a shapes-FID 2.9 better; [200, 980] lost
-    # 5.2 points. Not yet on the eval set, so the recipe keeps DMD2's.
+    # 5.2 points. Round 22, over a second base, paired against the recipe's [20, 980]: [20, 600] alignment -0.5
+    # [-1.8, +0.8], shapes-FID -2.00 [-3.88, -0.16]; [20, 800] changed nothing, [20, 400] lost 2.0 points. Not yet
+    # on the eval set nor in a bundled run, so the recipe keeps DMD2's (docs/training.md, round 22).
     dmd_t_range: tuple[int, int] = (20, 980)
 
     def __post_init__(self):
