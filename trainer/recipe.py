@@ -36,9 +36,8 @@ def missing_stage(cfg: TrainConfig, work: Path, out: Path, todo: list[str], sour
     `--stage nitro` on a fresh folder says what to run instead of failing deep inside a model load."""
     for name in (s for s in STAGES if s in todo):
         for need in NEEDS.get(name, ()):
-            if need in todo or (need != "export" and need not in source_stages):
-                continue
-            if need == "init" and cfg.source.init_unet:
+            # every source's stages include export; --init-unet replaces the init stage
+            if need in todo or need not in source_stages or (need == "init" and cfg.source.init_unet):
                 continue
             if need == "export":
                 if (out / "vae" / "config.json").is_file():
