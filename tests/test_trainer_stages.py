@@ -309,6 +309,51 @@ def test_ema_student_is_exported_and_stage3_accumulates(tiny_run, tmp_path):
     assert (tmp_path / "nitro" / "checkpoint" / "student_ema.safetensors").is_file()
 
 
+def test_init_feature_term_adds_the_teacher_feature_distance_and_leaves_the_teacher_untouched(tiny_run, tmp_path):
+    """init.feature_weight > 0: each logged loss is the MSE plus the weight times the teacher-feature distance, which
+    is positive for a student whose x0 differs from its target, and the frozen copy the distance is read through is
+    not the weights the student trains (the teacher stage's output stays as it was). Switched on when a plain init
+    is resumed for more steps, metrics.csv's header widens to the new columns, the plain rows' cells left empty.
+    The distance is zero for equal inputs and its gradient reaches the student's x0."""
+    import csv
+
+    from trainer.discriminator import FrozenEncoder
+    from trainer.models import alphas_cumprod
+    from trainer.stage2 import feature_distance
+
+    _, work, _ = tiny_run
+    copy_stages(work, tmp_path, ["autoencoder", "text", "teacher", "cache", "init"])
+    steps = recipe("tiny").init.optim.steps
+    (tmp_path / "init" / "DONE").unlink()
+    teacher_before = (tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    run(apply_overrides(recipe("tiny"), [f"init.optim.steps={steps + 2}", "init.feature_weight=0.5",
+                                         "init.feature_timesteps=[10,250]"]), tmp_path, tmp_path / "model", ["init"])
+    rows = list(csv.DictReader((tmp_path / "init" / "metrics.csv").open()))
+    assert list(rows[0]) == ["step", "time_s", "loss", "mse", "feature"]
+    plain, featured = [r for r in rows if int(r["step"]) <= steps], rows[-1]
+    assert plain and all(r["mse"] == r["feature"] == "" and float(r["loss"]) > 0 for r in plain)
+    assert int(featured["step"]) == steps + 2 and float(featured["feature"]) > 0
+    assert float(featured["loss"]) == pytest.approx(float(featured["mse"]) + 0.5 * float(featured["feature"]), rel=1e-4)
+    assert (tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == teacher_before
+
+    from diffusers import UNet2DConditionModel
+
+    from trainer.conditioning import zero_conditioning
+
+    unet = UNet2DConditionModel.from_pretrained(work / "teacher" / "unet")
+    enc = FrozenEncoder(unet)
+    side = unet.config.sample_size
+    x = torch.randn(2, unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    cond = zero_conditioning(unet.config, size=side * 8, batch=2)
+    abar = alphas_cumprod()  # the shapes recipes' schedule (SDXL's)
+    assert feature_distance(enc, x, x.clone(), 250, noise, cond, abar).item() == 0.0
+    pred = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))).requires_grad_(True)
+    d = feature_distance(enc, pred, x, 250, noise, cond, abar)
+    d.backward()
+    assert d.item() > 0 and pred.grad.abs().sum() > 0
+
+
 def test_ema_teacher_is_what_later_stages_sample(tiny_run, tmp_path):
     """teacher.ema_decay > 0: teacher/unet is the teacher's moving average (decay 0.5 over two steps: the mean of the
     one-step teacher, made by a one-step run of the same seed, and the trained weights, saved as teacher/unet_raw),

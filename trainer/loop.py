@@ -108,6 +108,7 @@ class Stage:
         self.extra_state: dict[str, Any] = {}
         self._bar = None
         self._tb = None  # the TensorBoard writer once opened; False when tensorboard is not installed
+        self._fields: list[str] | None = None  # metrics.csv's columns once read or written
         self._t0 = time.monotonic()
         if self.acc.is_main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -236,17 +237,40 @@ class Stage:
         if force or self.step % every == 0 or self.step == self.total:
             path = self.folder / "metrics.csv"
             row = {"step": self.step, "time_s": round(time.monotonic() - self._t0, 2), **metrics}
-            new = not path.exists()
+            fields = self._csv_fields(path, list(row))
             with path.open("a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(row))
-                if new:
-                    w.writeheader()
-                w.writerow(row)
+                csv.DictWriter(f, fieldnames=fields, restval="").writerow(row)
             if self._tb is None:
                 self._tb = tensorboard_writer(self.folder / "tensorboard") or False
             if self._tb:
                 for k, v in metrics.items():
                     self._tb.add_scalar(f"{self.name}/{k}", v, self.step)
+
+    def _csv_fields(self, path: Path, keys: list[str]) -> list[str]:
+        """metrics.csv's columns, the header written or widened first. A run resumed under a setting that logs more
+        (init.feature_weight, say) would otherwise append rows longer than the header its first part wrote: the
+        file is rewritten once with the old columns then the new ones, the old rows' new cells empty."""
+        fields = self._fields
+        if fields is None:
+            if path.exists() and path.stat().st_size:
+                with path.open(newline="") as f:
+                    fields = next(csv.reader(f))
+            else:
+                with path.open("w", newline="") as f:
+                    csv.DictWriter(f, fieldnames=keys).writeheader()
+                fields = list(keys)
+        if set(keys) - set(fields):
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            fields = fields + [k for k in keys if k not in fields]
+            tmp = path.with_suffix(".tmp")
+            with tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+            tmp.replace(path)
+        self._fields = fields
+        return fields
 
     def close(self) -> None:
         if self._bar is not None:

@@ -6,11 +6,14 @@ student's one-step prediction on the teacher's 25-step sample from the *same* no
 distillation, Luhman & Luhman 2021). The student starts from the teacher's weights and is called exactly as at
 inference: noise at level 999, UNet at the shifted timestep floor(999 * S / 1000), x0 through
 `LCMSampler.denoise`. The cached teacher samples double as the "real" samples of stage 3 (the paper's reals are
-teacher outputs too).
+teacher outputs too). `init.feature_weight` adds a perceptual term read through the frozen teacher's encoder
+(`feature_distance`); the recipe leaves it off: measured at weights 100 and 1000 it moved neither the init nor the
+student beyond the paired intervals (docs/training.md, round 24).
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -21,8 +24,9 @@ from nitrofusion.sampler import LCMSampler
 from .cache import PairCache, build_cache, cache_batch, conditioning_of, load_cache
 from .conditioning import Conditioning, unet_kwargs
 from .config import TrainConfig
+from .discriminator import FrozenEncoder
 from .loop import Stage, autocast, set_lr
-from .models import alphas_cumprod
+from .models import add_noise, alphas_cumprod
 from .skeleton import StageJob, accumulate, make_optimizer, run_stage, step_optimizer
 
 CACHE_PROMPT_OFFSET = 10**8  # shapes dataset indices for cache prompts: far from the teacher's training stream
@@ -35,6 +39,19 @@ def one_step_x0(unet, sampler: LCMSampler, noise: torch.Tensor, cond: Conditioni
     ts = torch.full((noise.shape[0],), t, dtype=torch.long, device=noise.device)
     eps = unet(noise, ts, **unet_kwargs(cond)).sample.float()
     return sampler.denoise(noise, eps, [t] * noise.shape[0])
+
+
+def feature_distance(encoder: FrozenEncoder, pred: torch.Tensor, target: torch.Tensor, t: int, noise: torch.Tensor,
+                     cond: Conditioning, abar: torch.Tensor) -> torch.Tensor:
+    """LPIPS's distance with the frozen teacher encoder as the network: both x0 noised to level t with one noise,
+    every feature level's vectors scaled to unit length over channels, squared differences averaged over space and
+    channels, then over levels. Gradients reach `pred` only."""
+    ts = torch.full((pred.shape[0],), t, dtype=torch.long, device=pred.device)
+    fp = encoder(add_noise(pred, noise, ts, abar), ts, cond)
+    with torch.no_grad():
+        ft = encoder(add_noise(target, noise, ts, abar), ts, cond)
+    terms = [(F.normalize(a.float(), dim=1) - F.normalize(b.float(), dim=1)).pow(2).mean() for a, b in zip(fp, ft)]
+    return torch.stack(terms).mean()
 
 
 class InitJob(StageJob):
@@ -55,6 +72,9 @@ class InitJob(StageJob):
 
     def build(self, stage: Stage) -> None:
         frozen = self.source.frozen(self.acc.device)  # the student starts as the teacher, fp32
+        self.encoder = None
+        if self.cfg.init.feature_weight:  # a frozen copy: the student trains the weights it starts from
+            self.encoder = FrozenEncoder(copy.deepcopy(frozen.teacher)).to(self.acc.device)
         self.text, self.unet = frozen.text, frozen.teacher.requires_grad_(True)
         if self.cfg.init.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -65,7 +85,8 @@ class InitJob(StageJob):
         self.unet, self.opt = self.acc.prepare(self.unet, self.opt)
         self.unet.train()
         self.cache = PairCache(self.cache_dir)
-        self.sampler = LCMSampler(alphas_cumprod(self.source.noise_schedule))
+        self.abar = alphas_cumprod(self.source.noise_schedule)
+        self.sampler = LCMSampler(self.abar)
 
     def iteration(self, stage: Stage) -> dict[str, float]:
         c, acc = self.cfg.init, self.acc
@@ -78,8 +99,15 @@ class InitJob(StageJob):
             emb = conditioning_of(pairs, self.text, acc.device)
             with autocast(acc):
                 pred = one_step_x0(self.unet, self.sampler, noise, emb, self.cfg.nitro.shift)
-                loss = F.mse_loss(pred.float(), x0)
-            return loss, {"loss": loss}
+                mse = F.mse_loss(pred.float(), x0)
+                if self.encoder is None:
+                    return mse, {"loss": mse}
+                # the level and the noise from the stage's generator: a resumed run draws what an unbroken one would
+                t = c.feature_timesteps[int(torch.randint(len(c.feature_timesteps), (1,), generator=gen))]
+                fnoise = torch.randn(x0.shape, generator=gen).to(acc.device)
+                feat = feature_distance(self.encoder, pred, x0, t, fnoise, emb, self.abar)
+            loss = mse + c.feature_weight * feat
+            return loss, {"loss": loss, "mse": mse, "feature": feat}
 
         logs = accumulate(acc, self.unet, c.optim.grad_accum, micro)
         step_optimizer(acc, self.opt, self.unet.parameters(), c.optim)

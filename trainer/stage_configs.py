@@ -210,6 +210,23 @@ class InitConfig:
 
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=600, batch_size=32, lr=1e-4, warmup=20))
     gradient_checkpointing: bool = False
+    # > 0: add a perceptual term, the squared distance between the frozen teacher encoder's features of the student's
+    # x0 and of the teacher's (both noised with one noise to a level drawn from feature_timesteps, prompt-conditioned,
+    # each feature vector scaled to unit length as LPIPS does), times this weight, averaged over the levels. Why:
+    # latent MSE regresses to the mean of what the student cannot tell apart and blurs thin stripes and corners
+    # (round 18); a loss in a network's features is what made one-step regression sharp in Diffusion2GAN
+    # (E-LatentLPIPS, Kang et al. 2024). The teacher's encoder is the feature space the pool's heads read.
+    # Measured (docs/training.md, round 24): at 100 and 1000 over levels (10, 250), 3,000 steps continuing the
+    # recipe's init, the init +0.6 and +0.0 points, the student over the first +0.4 at 1 step, all inside the
+    # paired intervals; so 0 (off) in the recipe. The term costs 1.3x per init step.
+    feature_weight: float = 0.0
+    feature_timesteps: tuple[int, ...] = DISC_TIMESTEPS
+
+    def __post_init__(self):
+        self.feature_timesteps = tuple(self.feature_timesteps)
+        _check(self.feature_weight >= 0, "init.feature_weight must be >= 0")
+        _check(bool(self.feature_timesteps) and all(0 <= t < 1000 for t in self.feature_timesteps),
+               "init.feature_timesteps: at least one, each in [0, 1000)")
 
 
 @dataclass
