@@ -309,10 +309,10 @@ def test_ema_student_is_exported_and_stage3_accumulates(tiny_run, tmp_path):
     assert (tmp_path / "nitro" / "checkpoint" / "student_ema.safetensors").is_file()
 
 
-def test_init_feature_term_adds_the_teacher_feature_distance_and_leaves_the_teacher_untouched(tiny_run, tmp_path):
+def test_init_feature_term_adds_the_distance_read_through_a_frozen_copy_of_the_teacher(tiny_run, tmp_path):
     """init.feature_weight > 0: each logged loss is the MSE plus the weight times the teacher-feature distance, which
-    is positive for a student whose x0 differs from its target, and the frozen copy the distance is read through is
-    not the weights the student trains (the teacher stage's output stays as it was). Switched on when a plain init
+    is positive for a student whose x0 differs from its target, and the frozen encoder the distance is read through
+    shares no tensor with the student and trains nothing (the student starts as the teacher). Switched on when a plain init
     is resumed for more steps, metrics.csv's header widens to the new columns, the plain rows' cells left empty.
     The distance is zero for equal inputs and its gradient reaches the student's x0."""
     import csv
@@ -325,16 +325,27 @@ def test_init_feature_term_adds_the_teacher_feature_distance_and_leaves_the_teac
     copy_stages(work, tmp_path, ["autoencoder", "text", "teacher", "cache", "init"])
     steps = recipe("tiny").init.optim.steps
     (tmp_path / "init" / "DONE").unlink()
-    teacher_before = (tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
-    run(apply_overrides(recipe("tiny"), [f"init.optim.steps={steps + 2}", "init.feature_weight=0.5",
-                                         "init.feature_timesteps=[10,250]"]), tmp_path, tmp_path / "model", ["init"])
+    featured_cfg = apply_overrides(recipe("tiny"), [f"init.optim.steps={steps + 2}", "init.feature_weight=0.5",
+                                                    "init.feature_timesteps=[10,250]"])
+    run(featured_cfg, tmp_path, tmp_path / "model", ["init"])
     rows = list(csv.DictReader((tmp_path / "init" / "metrics.csv").open()))
     assert list(rows[0]) == ["step", "time_s", "loss", "mse", "feature"]
     plain, featured = [r for r in rows if int(r["step"]) <= steps], rows[-1]
     assert plain and all(r["mse"] == r["feature"] == "" and float(r["loss"]) > 0 for r in plain)
     assert int(featured["step"]) == steps + 2 and float(featured["feature"]) > 0
     assert float(featured["loss"]) == pytest.approx(float(featured["mse"]) + 0.5 * float(featured["feature"]), rel=1e-4)
-    assert (tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == teacher_before
+
+    from trainer.loop import Stage, make_accelerator
+    from trainer.source import make_source
+    from trainer.stage2 import InitJob
+
+    acc = make_accelerator(featured_cfg.run)
+    job = InitJob(featured_cfg, tmp_path / "probe", make_source(featured_cfg, tmp_path), tmp_path / "cache", acc)
+    job.build(Stage("init", tmp_path / "probe", featured_cfg, acc, 1))
+    student = {p.data_ptr() for p in job.unet.parameters()}
+    assert student.isdisjoint(p.data_ptr() for p in job.encoder.parameters())
+    assert all(p.requires_grad for p in job.unet.parameters())
+    assert not any(p.requires_grad for p in job.encoder.parameters())
 
     from diffusers import UNet2DConditionModel
 

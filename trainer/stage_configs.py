@@ -376,7 +376,8 @@ class NitroConfig:
     # 5.2 points. Round 22, over a second base, paired against the recipe's [20, 980]: [20, 600] alignment -0.5
     # [-1.8, +0.8], shapes-FID -2.00 [-3.88, -0.16]; [20, 800] changed nothing, [20, 400] lost 2.0 points. Round 23,
     # the whole recipe with [20, 600], on the eval set: 92.5% at 1 step (1.3 under the bundled model), shapes-FID
-    # 25.32 (0.9 better), so the recipe keeps DMD2's (docs/training.md, rounds 22-23).
+    # 25.32 (0.9 better), so the recipe keeps DMD2's. Round 24, paired against [20, 980] over the same stages on the
+    # eval set: -0.7 [-1.5, +0.2] points, shapes-FID -3.05 [-4.26, -1.90] at 1 step (docs/training.md, rounds 22-24).
     dmd_t_range: tuple[int, int] = (20, 980)
 
     def __post_init__(self):
