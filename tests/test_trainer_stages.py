@@ -617,3 +617,33 @@ def test_head_learnability_trains_both_head_kinds_on_fixed_features_and_is_repro
     assert "not found" in capsys.readouterr().err
     assert bench.main(["--work", str(work), "--images", "8"]) == 2
     assert "at least 64" in capsys.readouterr().err
+
+
+def test_phase_draw_decides_which_step_counts_each_phase_trains():
+    """nitro.phase_draw: phase 1 always trains 1 step. Phase p >= 2 draws k ~ U{1..p} ("all", the recipe: the same
+    draws as before the option), k ~ U{2..p} ("multi": the 1-step map trains in phase 1 only) or k = p ("newest")."""
+    from trainer.stage3 import draw_steps
+
+    def counts(mode: str) -> dict[int, set[int]]:
+        c = apply_overrides(recipe("shapes16"), [f"nitro.phase_draw={mode}", "nitro.phase_steps=[5,200,200,200]"]).nitro
+        gen, seen = torch.Generator().manual_seed(0), {}
+        for i in range(sum(c.phase_steps)):
+            seen.setdefault(c.max_steps_at(i), set()).add(draw_steps(c, i, gen))
+        return seen
+
+    assert recipe("shapes16").nitro.phase_draw == "all"
+    assert counts("all") == {1: {1}, 2: {1, 2}, 3: {1, 2, 3}, 4: {1, 2, 3, 4}}
+    assert counts("multi") == {1: {1}, 2: {2}, 3: {2, 3}, 4: {2, 3, 4}}
+    assert counts("newest") == {1: {1}, 2: {2}, 3: {3}, 4: {4}}
+    assert counts("half_one") == counts("all")
+    c = apply_overrides(recipe("shapes16"), ["nitro.phase_draw=half_one"]).nitro
+    gen, last = torch.Generator().manual_seed(0), sum(c.phase_steps) - 1
+    ks = [draw_steps(c, last, gen) for _ in range(4000)]
+    assert [round(ks.count(k) / 4000, 2) for k in (1, 2, 3, 4)] == pytest.approx([0.5, 1 / 6, 1 / 6, 1 / 6], abs=0.03)
+    # "all" draws what stage 3 drew before the option existed: 1 + randint(phase) from the shared generator
+    c = recipe("shapes16").nitro
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    ks = [draw_steps(c, i, g1) for i in range(sum(c.phase_steps))]
+    assert ks == [1 + int(torch.randint(c.max_steps_at(i), (1,), generator=g2)) for i in range(len(ks))]
+    with pytest.raises(ValueError, match="phase_draw"):
+        apply_overrides(recipe("tiny"), ["nitro.phase_draw=first"])

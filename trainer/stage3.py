@@ -2,8 +2,9 @@
 
 One iteration (paper Sec. 3.2-3.3):
   1. draw t* and sample one head per (level, task) for it; re-initialise ~1% of the whole pool (refresh);
-  2. the student generates: k ~ U{1..phase} steps of the shifted LCM schedule (nitrofusion.sampler, so training
-     and inference agree); the first k-1 without gradients (re-noising its own output), the last with them;
+  2. the student generates: k ~ U{1..phase} steps (`nitro.phase_draw`) of the shifted LCM schedule
+     (nitrofusion.sampler, so training and inference agree); the first k-1 without gradients (re-noising its own
+     output), the last with them;
   3. generator update: adversarial loss of the sampled heads on the fake x0, plus (`nitro.reg_weight` > 0, the
      shapes default; the paper has none) an L2 term: the fakes start from cached teacher noises and each
      one-step output is pulled toward its teacher sample;
@@ -45,7 +46,20 @@ from .skeleton import StageJob, adamw, make_optimizer, moving_average, run_stage
 from .stage1 import TeacherSampler
 
 PHASE1_DIR = "unet_phase1"  # snapshot of the student when phase 1 (one-step training) ends
-__all__ = ["PHASE1_DIR", "NitroJob", "student_x0", "train_nitro"]
+__all__ = ["PHASE1_DIR", "NitroJob", "draw_steps", "student_x0", "train_nitro"]
+
+
+def draw_steps(c, iteration: int, gen: torch.Generator) -> int:
+    """An iteration's step count k, by nitro.phase_draw; "all" draws exactly what it drew before the option."""
+    p = c.max_steps_at(iteration)
+    if c.phase_draw == "newest" or (c.phase_draw == "multi" and p == 2):
+        return p
+    if c.phase_draw == "multi" and p > 2:
+        return 2 + int(torch.randint(p - 1, (1,), generator=gen))
+    if c.phase_draw == "half_one" and p > 1:  # k = 1 with probability 1/2, else k ~ U{2..p}
+        r = int(torch.randint(2 * (p - 1), (1,), generator=gen))
+        return 1 if r < p - 1 else 2 + r - (p - 1)
+    return 1 + int(torch.randint(p, (1,), generator=gen))
 
 
 class NitroJob(StageJob):
@@ -136,7 +150,7 @@ class NitroJob(StageJob):
         shared = stage.shared_gen()
         t_star = c.pool.timesteps[int(torch.randint(len(c.pool.timesteps), (1,), generator=shared))]
         # The step count before the pool's draws, so that pool settings (replicas, refresh) do not change it.
-        steps = 1 + int(torch.randint(c.max_steps_at(stage.step), (1,), generator=shared))
+        steps = draw_steps(c, stage.step, shared)
         heads = nets.raw_pool.sample(t_star, shared)
         opt_d = nets.opt_d
         self.refreshed = nets.raw_pool.refresh(shared, opt_d.optimizer if hasattr(opt_d, "optimizer") else opt_d)

@@ -316,6 +316,12 @@ class NitroConfig:
     # Bottom-up: iterations spent with max steps 1, 2, 3, 4. In phase k each iteration draws its step count
     # uniformly from 1..k, runs the first steps without grad and trains the last (re-noised own output).
     phase_steps: tuple[int, ...] = (500, 150, 150, 150)
+    # Which step counts a phase p >= 2 trains; the paper only says "one level at a time". "all": k ~ U{1..p} (the
+    # 1-step map keeps a share of every phase). "multi": k ~ U{2..p}, so the 1-step map trains in phase 1 only and
+    # moves afterwards only through the weights it shares. "newest": k = p, the new level alone. "half_one": k = 1
+    # with probability 1/2, else k ~ U{2..p}. Made to test whether phases 2-4 are what cost the 1-step student its
+    # FID (EVAL.md: 23.6 after phase 1, 26.2 after all).
+    phase_draw: str = "all"
     lr_disc: float = 1e-3
     disc_steps: int = 1  # discriminator updates per generator update
     # What the heads call real. "teacher": the cached teacher samples (the paper: no real images). "data": the
@@ -405,6 +411,8 @@ class NitroConfig:
         _check(self.reg_weight_end is None or (self.reg_weight > 0 and 0 <= self.reg_weight_end),
                "nitro.reg_weight_end must be >= 0 (or null), and needs nitro.reg_weight > 0 to fade from")
         _check(1 <= len(self.phase_steps) <= 4, "nitro.phase_steps: 1 to 4 entries (max steps 1..4)")
+        _check(self.phase_draw in ("all", "multi", "newest", "half_one"),
+               "nitro.phase_draw: all, multi, newest or half_one")
         self.optim.steps = sum(self.phase_steps)  # total iterations; the phases decide the step count
 
     def reg_weight_at(self, iteration: int) -> float:
