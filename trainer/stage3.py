@@ -27,7 +27,7 @@ from nitrofusion.sampler import LCMSampler
 
 from .cache import PairCache, cache_batch, conditioning_of
 from .conditioning import expand, to
-from .config import TrainConfig
+from .config import NitroConfig, TrainConfig
 from .discriminator import FrozenEncoder, HeadPool
 from .dmd import DMDDraws
 from .loop import Stage, frozen_dtype, set_lr
@@ -49,8 +49,9 @@ PHASE1_DIR = "unet_phase1"  # snapshot of the student when phase 1 (one-step tra
 __all__ = ["PHASE1_DIR", "NitroJob", "draw_steps", "student_x0", "train_nitro"]
 
 
-def draw_steps(c, iteration: int, gen: torch.Generator) -> int:
-    """An iteration's step count k, by nitro.phase_draw; "all" draws exactly what it drew before the option."""
+def draw_steps(c: NitroConfig, iteration: int, gen: torch.Generator) -> int:
+    """An iteration's step count k, by nitro.phase_draw; "all" draws exactly what it drew before the option. Where k
+    is fixed ("newest"; "multi" in phase 2) nothing is drawn, as in round 25's runs, which stay reproducible."""
     p = c.max_steps_at(iteration)
     if c.phase_draw == "newest" or (c.phase_draw == "multi" and p == 2):
         return p
