@@ -308,6 +308,33 @@ def test_min_snr_weighting_leaves_noisy_rows_alone_and_scales_clean_ones_down():
     assert epsilon_loss(eps, noise, t, abar, 5.0).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_small_patterned_weight_shifts_the_teachers_pool_draws_and_weight_1_keeps_them():
+    """teacher.small_patterned_weight w: pool images of small striped / checkered objects are drawn w times as often
+    as the rest (about a third of the pool, so at w = 2 half the draws); w = 1 draws exactly what
+    `torch.randint` drew before the option."""
+    from trainer.config import apply_overrides, recipe
+    from trainer.shapes import ShapesDataset
+    from trainer.stage1 import POOL_OFFSET, draw_pool, pool_draw_weights, small_patterned
+
+    data, n = ShapesDataset(64, 0, "train", 0.1), 3000
+    hard = small_patterned(data, n)
+    a = data.attributes(POOL_OFFSET + int(hard.nonzero()[0]))[0]
+    assert a.size == "small" and a.fill in ("striped", "checkered")
+    assert hard.float().mean().item() == pytest.approx(1 / 3, abs=0.03)
+    assert pool_draw_weights(data, n, 1.0) is None
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(draw_pool(n, 64, None, g1), torch.randint(n, (64,), generator=g2))
+    share = hard.float().mean().item()
+    for w in (2.0, 0.5):
+        picks = draw_pool(n, 20000, pool_draw_weights(data, n, w), torch.Generator().manual_seed(1))
+        assert hard[picks].float().mean().item() == pytest.approx(w * share / (w * share + 1 - share), abs=0.015)
+    assert recipe("shapes16").teacher.small_patterned_weight == 1
+    with pytest.raises(ValueError, match="small_patterned_weight"):
+        apply_overrides(recipe("tiny"), ["teacher.small_patterned_weight=0"])
+    with pytest.raises(ValueError, match="latent_pool"):
+        apply_overrides(recipe("tiny"), ["teacher.small_patterned_weight=2", "teacher.latent_pool=0"])
+
+
 def test_mismatch_term_shares_the_fake_side_so_calling_everything_fake_does_not_pay():
     """nitro.pool.mismatch: a conditional head's fake side is (fake + w x mismatched) / (1 + w). A head with one
     constant logit then does best at 0 (chance), as without the term; added instead of shared, the constant

@@ -143,6 +143,27 @@ def latent_pool(cfg: TrainConfig, folder: Path, vae, data: ShapesDataset, accele
     return pool
 
 
+def small_patterned(data: ShapesDataset, n: int) -> torch.Tensor:
+    """(n,) bool: whether pool image i (dataset index POOL_OFFSET + i) is a small striped or checkered object."""
+    return torch.tensor([a.size == "small" and a.fill != "solid"
+                         for a in (data.attributes(POOL_OFFSET + i)[0] for i in range(n))])
+
+
+def pool_draw_weights(data: ShapesDataset, n: int, weight: float) -> torch.Tensor | None:
+    """Per-image draw weights for the teacher's latent pool; None when uniform (weight 1), so the recipe's draws
+    stay `torch.randint`'s, bit for bit."""
+    if weight == 1:
+        return None
+    return 1.0 + (weight - 1.0) * small_patterned(data, n).double()
+
+
+def draw_pool(n: int, b: int, weights: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    """b pool indices, with replacement: uniform, or in proportion to `weights`."""
+    if weights is None:
+        return torch.randint(n, (b,), generator=gen)
+    return torch.multinomial(weights, b, replacement=True, generator=gen)
+
+
 def epsilon_loss(eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
                  min_snr_gamma: float = 0.0) -> torch.Tensor:
     """Mean over rows of each row's epsilon MSE, weighted by min(SNR, gamma) / SNR when gamma > 0 (Min-SNR)."""
@@ -194,6 +215,8 @@ class TeacherJob(StageJob):
         self.data = ShapesDataset(cfg.data.image_size, cfg.data.seed, "train", cfg.data.heldout_fraction)
         self.pool = (latent_pool(cfg, self.folder, self.frozen["vae"], self.data, self.acc)
                      if cfg.teacher.latent_pool else None)
+        self.pool_weights = (pool_draw_weights(self.data, len(self.pool["prompts"]), cfg.teacher.small_patterned_weight)
+                             if self.pool is not None else None)
         self.unet.train()
 
     def iteration(self, stage: Stage) -> dict[str, float]:
@@ -205,7 +228,7 @@ class TeacherJob(StageJob):
         def micro(i: int):
             idx = batch_indices(stage, c.optim.batch_size, i, c.optim.grad_accum)
             if pool is not None:  # indices into the pre-encoded pool, drawn from this step's generator
-                pick = torch.randint(len(pool["prompts"]), (len(idx),), generator=gen)
+                pick = draw_pool(len(pool["prompts"]), len(idx), self.pool_weights, gen)
                 x0 = pool["latents"][pick].to(acc.device)
                 prompts = [pool["prompts"][j] for j in pick.tolist()]
             else:

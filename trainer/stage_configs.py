@@ -162,6 +162,11 @@ class TeacherConfig:
     # > 0: add this times a per-channel constant N(0, 1) to the training noise ("offset noise"), so the image-wide
     # mean of a noisy latent does not give the background away and the prompt has to.
     offset_noise: float = 0.0
+    # How often the teacher draws a latent-pool image whose object is small and striped or checkered, relative to
+    # the others (1: uniform, the pool as the dataset draws it; 2: those cells' share goes from 1/3 to 1/2). They
+    # are the cells the teacher misses (docs/training.md, rounds 10 and 13); a weight > 1 spends more of the same
+    # steps on them. Needs teacher.latent_pool > 0.
+    small_patterned_weight: float = 1.0
     # > 0: keep an exponential moving average of the teacher (torch AveragedModel, updated every optimizer step) and
     # save it as teacher/unet, the weights every later stage samples from (the trained weights: teacher/unet_raw).
     # With a constant lr the last step's weights are one draw from where the optimizer wanders; 0: off. Measured on
@@ -180,6 +185,9 @@ class TeacherConfig:
         self.timesteps = tuple(self.timesteps)
         _check(0 <= self.cond_dropout < 1, "teacher.cond_dropout must be in [0, 1)")
         _check(self.min_snr_gamma >= 0 and self.offset_noise >= 0, "teacher.min_snr_gamma, offset_noise: >= 0")
+        _check(self.small_patterned_weight > 0, "teacher.small_patterned_weight must be > 0")
+        _check(self.small_patterned_weight == 1 or self.latent_pool > 0,
+               "teacher.small_patterned_weight weights the latent pool's draws: set teacher.latent_pool > 0")
         _check(0 <= self.ema_decay < 1, "teacher.ema_decay must be in [0, 1)")
         _check(1 <= self.sample_steps <= 1000, "teacher.sample_steps must be in [1, 1000]")
         _check(self.solver in SOLVERS, f"teacher.solver must be one of {', '.join(SOLVERS)}")
