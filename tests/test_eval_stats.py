@@ -174,11 +174,15 @@ def test_compare_runs_pairs_each_variant_with_the_reference_row_by_row(tmp_path)
     write(tmp_path / "var", "NitroFusion 1 step", better)
     write(tmp_path / "ref", "NitroFusion 4 steps", base)
     write(tmp_path / "var", "NitroFusion 4 steps", None)
+    write(tmp_path / "ref", "teacher (25 steps, guidance 3)", better)  # a variant with a teacher of its own
+    write(tmp_path / "var", "teacher (25 steps, guidance 3)", base)
     mod = load_script("bench/compare_runs.py")
     lines = mod.table(("ctrl", tmp_path / "ref"), [("mm", tmp_path / "var")])
     one = next(line for line in lines if line.startswith("| mm | NitroFusion 1 step"))
     lo = float(one.split("| +5.0 [")[1].split(",")[0])
     assert lo > 0
+    teacher = next(line for line in lines if line.startswith("| mm | teacher"))
+    assert float(teacher.split("| -5.0 [")[1].split(",")[1].split("]")[0]) < 0
     four = next(line for line in lines if line.startswith("| mm | NitroFusion 4 steps"))
     assert "|  |" in four
     with pytest.raises(SystemExit, match="NAME=WORK_DIR"):
