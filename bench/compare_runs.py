@@ -41,6 +41,11 @@ def load_rows(work: Path) -> dict[str, dict]:
     return out
 
 
+def row_order(rows: dict[str, dict]) -> list[str]:
+    """The teacher's rows first (a variant with a teacher of its own gets them paired too), then ROWS."""
+    return [*sorted(n for n in rows if n.startswith("teacher")), *ROWS]
+
+
 def eval_attributes(work: Path, split: str, n: int) -> list:
     """The attributes of the first n prompts `nitrofusion eval` scored on `split`, from the work folder's config."""
     from trainer.config import TrainConfig
@@ -63,7 +68,7 @@ def fill_table(runs: list[tuple[str, Path]], attributes=eval_attributes) -> list
              "|---|---|" + "---|" * len(FILL_CELLS)]
     for name, work in runs:
         rows = load_rows(work)
-        for row in [*sorted(n for n in rows if n.startswith("teacher")), *ROWS]:
+        for row in row_order(rows):
             r = rows.get(row)
             if r is None or not r.get("hits"):
                 continue
@@ -108,8 +113,7 @@ def table(ref: tuple[str, Path], runs: list[tuple[str, Path]]) -> list[str]:
              "|---|---|---|---|---|---|"]
     for name, work in [ref, *runs]:
         rows = load_rows(work)
-        # The teacher's row first: a variant with a teacher of its own (round 26) gets it paired like the others.
-        for row in [*sorted(n for n in rows if n.startswith("teacher")), *ROWS]:
+        for row in row_order(rows):
             r = rows.get(row)
             if r is None:
                 continue
