@@ -349,3 +349,45 @@ def test_mismatch_term_shares_the_fake_side_so_calling_everything_fake_does_not_
     plain = d_loss({0: torch.ones(2, 1, 2, 2)}, {0: -torch.ones(2, 1, 2, 2)}, "softplus").item()
     assert d_loss({0: torch.ones(2, 1, 2, 2)}, {0: -torch.ones(2, 1, 2, 2)}, "softplus",
                   mismatched={0: -torch.ones(2, 1, 2, 2)}, mismatch=1.0).item() == pytest.approx(plain)
+
+
+def test_cache_small_patterned_weight_shifts_the_cache_draws_and_weight_1_keeps_them(tmp_path):
+    """cache.small_patterned_weight w: the init's and stage 3's cached pairs whose prompt names a small striped or
+    checkered object are drawn w times as often as the rest; w = 1 draws what `torch.randint` drew before the
+    option; a cache with no such prompt is an error, not a silent uniform draw."""
+    import json
+
+    from trainer.cache import INDEX, PairCache, cache_batch, chunk_path
+    from trainer.config import apply_overrides, recipe
+    from trainer.shapes import ShapesDataset, small_patterned_prompt
+
+    data, n, size = ShapesDataset(64, 0, "train", 0.1), 600, 64
+    prompts = data.prompts(range(n))
+    truth = torch.tensor([data.attributes(i)[0].small_patterned for i in range(n)])
+    assert [small_patterned_prompt(p) for p in prompts] == truth.tolist() and 0.25 < truth.float().mean() < 0.42
+    for c in range(0, n, size):  # the cache's format: the row number in its noise, so a draw can be read back
+        rows = torch.arange(c, min(c + size, n)).float()
+        noise = rows.view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()
+        torch.save({"noise": noise, "x0": torch.zeros_like(noise), "prompts": prompts[c:c + size]},
+                   chunk_path(tmp_path, c // size))
+    (tmp_path / INDEX).write_text(json.dumps({"pairs": n, "chunk_size": size}))
+
+    plain = cache_batch(PairCache(tmp_path), torch.Generator().manual_seed(0), 32)
+    rows = plain.noise[:, 0, 0, 0].long().tolist()
+    assert rows == torch.randint(0, n, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert plain.prompts == [prompts[i] for i in rows]
+    share = truth.float().mean().item()
+    for w in (2.0, 0.5):
+        pairs = cache_batch(PairCache(tmp_path, small_patterned_weight=w), torch.Generator().manual_seed(1), 20000)
+        drawn = truth[pairs.noise[:, 0, 0, 0].long()].float().mean().item()
+        assert drawn == pytest.approx(w * share / (w * share + 1 - share), abs=0.015)
+    solid = tmp_path / "solid"
+    solid.mkdir()
+    torch.save({"noise": torch.zeros(2, 1, 2, 2), "x0": torch.zeros(2, 1, 2, 2),
+                "prompts": ["large red circle on the left, blue background", "a photo of a cat"]}, chunk_path(solid, 0))
+    (solid / INDEX).write_text(json.dumps({"pairs": 2, "chunk_size": 2}))
+    with pytest.raises(ValueError, match="no prompt .* names a small striped or checkered object"):
+        PairCache(solid, small_patterned_weight=2)
+    assert recipe("shapes16").cache.small_patterned_weight == 1
+    with pytest.raises(ValueError, match="cache.small_patterned_weight"):
+        apply_overrides(recipe("tiny"), ["cache.small_patterned_weight=0"])

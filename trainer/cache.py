@@ -21,7 +21,8 @@ import torch
 from .conditioning import Conditioning, expand, to
 from .config import TrainConfig
 from .loop import Stage, autocast, step_generator
-from .stage1 import TeacherSampler
+from .shapes import small_patterned_prompt
+from .stage1 import TeacherSampler, draw_pool, draw_weights
 
 INDEX, UNCOND = "index.json", "uncond.pt"
 
@@ -90,9 +91,11 @@ def _conditioning(d: dict | None) -> Conditioning | None:
 
 
 class PairCache:
-    """The cache's rows by global index; chunk files opened memory-mapped on demand, `max_open` at a time."""
+    """The cache's rows by global index; chunk files opened memory-mapped on demand, `max_open` at a time.
+    `small_patterned_weight` != 1 (cache.small_patterned_weight): `cache_batch` draws the rows whose prompt names a
+    small striped or checkered object that many times as often as the rest."""
 
-    def __init__(self, folder: str | Path, max_open: int = 32):
+    def __init__(self, folder: str | Path, max_open: int = 32, small_patterned_weight: float = 1.0):
         self.folder, self.max_open = Path(folder), max_open
         index = self.folder / INDEX
         if index.is_file():
@@ -111,9 +114,20 @@ class PairCache:
         self._open: OrderedDict[int, dict] = OrderedDict()
         uncond = self.folder / UNCOND
         self.uncond = _conditioning(torch.load(uncond, weights_only=False)) if uncond.is_file() else None
+        self.weights = None
+        if small_patterned_weight != 1:
+            flags = torch.tensor([small_patterned_prompt(p) for p in self.prompts()])
+            if not flags.any():
+                raise ValueError(f"cache.small_patterned_weight: no prompt in {self.folder} names a small striped or "
+                                 "checkered object (a setting for the shapes recipe's grammar)")
+            self.weights = draw_weights(flags, small_patterned_weight)
 
     def __len__(self) -> int:
         return self.starts[-1]
+
+    def prompts(self) -> list[str]:
+        """Every row's prompt, in row order."""
+        return [p for c in range(len(self.paths)) for p in self._chunk(c)["prompts"]]
 
     def _chunk(self, c: int) -> dict:
         if c in self._open:
@@ -140,8 +154,9 @@ class PairCache:
 
 
 def cache_batch(cache: PairCache, gen: torch.Generator, n: int) -> Pairs:
-    """n rows drawn with replacement by `gen` (the same draw as when the whole cache was one tensor)."""
-    return cache.rows(torch.randint(0, len(cache), (n,), generator=gen).tolist())
+    """n rows drawn with replacement by `gen`: uniform (the same draw as when the whole cache was one tensor), or in
+    proportion to the cache's draw weights."""
+    return cache.rows(draw_pool(len(cache), n, cache.weights, gen).tolist())
 
 
 def load_cache(folder: Path) -> dict:

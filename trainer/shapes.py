@@ -46,11 +46,22 @@ class Attributes:
     def combo(self) -> tuple[str, str, str]:
         return (self.colour, self.shape, self.background)
 
+    @property
+    def small_patterned(self) -> bool:
+        """A small striped or checkered object: the cells the teacher misses most (docs/training.md, round 10)."""
+        return self.size == "small" and self.fill != "solid"
+
 
 def prompt(a: Attributes) -> str:
     """`{size} {colour} {fill}{shape} {position}, {background} background`; fill omitted when solid."""
     fill = "" if a.fill == "solid" else f"{a.fill} "
     return f"{a.size} {a.colour} {fill}{a.shape} {a.position}, {a.background} background"
+
+
+def small_patterned_prompt(text: str) -> bool:
+    """Whether a grammar prompt (`prompt`'s format) names a small striped or checkered object."""
+    words = text.split()
+    return len(words) > 2 and words[0] == "small" and words[2].rstrip(",") in FILLS[1:]
 
 
 def all_combos() -> list[tuple[str, str, str]]:

@@ -145,16 +145,18 @@ def latent_pool(cfg: TrainConfig, folder: Path, vae, data: ShapesDataset, accele
 
 def small_patterned(data: ShapesDataset, n: int) -> torch.Tensor:
     """(n,) bool: whether pool image i (dataset index POOL_OFFSET + i) is a small striped or checkered object."""
-    return torch.tensor([a.size == "small" and a.fill != "solid"
-                         for a in (data.attributes(POOL_OFFSET + i)[0] for i in range(n))])
+    return torch.tensor([data.attributes(POOL_OFFSET + i)[0].small_patterned for i in range(n)])
 
 
 def pool_draw_weights(data: ShapesDataset, n: int, weight: float) -> torch.Tensor | None:
     """Per-image draw weights for the teacher's latent pool; None when uniform (weight 1), so the recipe's draws
     stay `torch.randint`'s, bit for bit."""
-    if weight == 1:
-        return None
-    return 1.0 + (weight - 1.0) * small_patterned(data, n).double()
+    return None if weight == 1 else draw_weights(small_patterned(data, n), weight)
+
+
+def draw_weights(flags: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """`weight` for the flagged rows, 1 for the rest; None when uniform (weight 1)."""
+    return None if weight == 1 else 1.0 + (weight - 1.0) * flags.double()
 
 
 def draw_pool(n: int, b: int, weights: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:

@@ -209,9 +209,15 @@ class CacheConfig:
     # and no per-prompt cache grows in memory. Off for the shapes recipe: its grammar's prompts are a bounded set
     # encoded live, as the committed model was trained.
     store_embeddings: bool = False
+    # How often the init and stage 3 draw a cached pair whose prompt names a small striped or checkered object,
+    # relative to the others (1: uniform; 2: those cells' share goes from 1/3 to 1/2). The cache is unchanged, only
+    # its draws. The students' weakest cells are the teacher's (docs/training.md, round 26: the same weight on the
+    # teacher's draws moved the init +1.8); shapes grammar prompts only.
+    small_patterned_weight: float = 1.0
 
     def __post_init__(self):
         _check(self.num_pairs >= 0 and self.batch_size >= 1, "cache.num_pairs must be >= 0, cache.batch_size >= 1")
+        _check(self.small_patterned_weight > 0, "cache.small_patterned_weight must be > 0")
 
 
 @dataclass
