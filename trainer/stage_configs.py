@@ -167,7 +167,8 @@ class TeacherConfig:
     # are the cells the teacher misses (docs/training.md, rounds 10 and 13); a weight > 1 spends more of the same
     # steps on them. Needs teacher.latent_pool > 0. Measured at 2 (round 26, one run, 2,000 eval images, paired
     # against the recipe over the same stages 0-1): teacher +0.7 [-0.5, +1.8] (small striped +9.4, small checkered
-    # -3.3), init +1.8 [+0.5, +3.1], 1-step student +0.5 [-0.9, +1.7] with shapes-FID +4.0 [+1.8, +6.6]. Not adopted.
+    # -3.3), init +1.8 [+0.5, +3.1]; the 1-step student against the recipe's stage 3 over the same stages -0.2
+    # points, shapes-FID +0.9 (unpaired; round 26 first compared it with a [20, 600] stage 3). Not adopted.
     small_patterned_weight: float = 1.0
     # > 0: keep an exponential moving average of the teacher (torch AveragedModel, updated every optimizer step) and
     # save it as teacher/unet, the weights every later stage samples from (the trained weights: teacher/unet_raw).
