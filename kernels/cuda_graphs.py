@@ -74,9 +74,10 @@ class CudaGraphCapturer:
     UNet's on the main one): cuBLAS keeps one workspace per (handle, stream), and a graph bakes in the
     workspace of the stream it was captured on (pytorch/pytorch#193402: graphs captured on one stream share it
     even with separate pools). On torch's shared default capture stream every graph got the same workspace, so
-    overlapped replays could race on it: the likely cause of what an H200 showed on 2026-11-30 with torch 2.11
-    (decode overlap changed 489 pixels of one image in ten by 1/255 with graphs on, nothing with graphs off;
-    bench/overlap_determinism.py). Not yet rerun on a GPU with this change."""
+    overlapped replays could race on it. It was taken for the cause of what an H200 showed on 2026-11-30 with torch
+    2.11 (decode overlap changed 489 pixels of one image in ten by 1/255 with graphs on, nothing with graphs off;
+    bench/overlap_determinism.py), but rerun on an H200 with this change (2026-12-04, BENCHMARKS.md round four) the
+    same 489 pixels differ: the cause lies elsewhere in the graphed path, still to be found."""
 
     device_type = "cuda"
 
