@@ -214,8 +214,8 @@ class CacheConfig:
     # relative to the others (1: uniform; 2: those cells' share goes from 1/3 to 1/2). The cache is unchanged, only
     # its draws. The students' weakest cells are the teacher's (docs/training.md, round 26: the same weight on the
     # teacher's draws moved the init +1.8); shapes grammar prompts only. Round 27, w = 2 over one teacher: it acts
-    # through stage 3 (1-step shapes-FID -11.6 and -12.2 paired, over two inits; alignment -0.0 and -2.0), the init
-    # moves +0.3-0.4. The recipe keeps 1 until a second teacher confirms it.
+    # through stage 3 (1-step shapes-FID -11.6 and -12.2 paired, over two inits); weighting the init too costs 1.7
+    # points of alignment, stage 3 alone none. The recipe keeps 1 until a second teacher confirms it.
     small_patterned_weight: float = 1.0
 
     def __post_init__(self):
