@@ -556,6 +556,24 @@ def test_nitro_seed_reseeds_stage_3_alone(tiny_run, tmp_path):
         apply_overrides(recipe("tiny"), ["nitro.seed=-1"])
 
 
+def test_nitro_small_patterned_weight_weights_stage_3_draws_alone(tiny_run, tmp_path):
+    """nitro.small_patterned_weight=2 trains stage 3 exactly as cache.small_patterned_weight=2 does over the same
+    init (bit for bit), and nitro.small_patterned_weight=1 undoes a cache weight of 2 for stage 3, while the init
+    keeps the cache's weight: round 27 found the weight pays in stage 3 and costs alignment in the init."""
+    students = _stage3_students(tiny_run, tmp_path, {
+        "nitro2": ["nitro.small_patterned_weight=2"], "cache2": ["cache.small_patterned_weight=2"],
+        "plain": [], "cache2_nitro1": ["cache.small_patterned_weight=2", "nitro.small_patterned_weight=1"]})
+    for k, v in students["cache2"].items():
+        torch.testing.assert_close(students["nitro2"][k], v, rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(students["cache2_nitro1"][k], students["plain"][k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(students["plain"][k], v) for k, v in students["nitro2"].items())
+    cfg = apply_overrides(recipe("tiny"), ["cache.small_patterned_weight=3", "nitro.small_patterned_weight=2"])
+    assert (cfg.cache_draw_weight("init"), cfg.cache_draw_weight("nitro")) == (3, 2)
+    assert recipe("tiny").cache_draw_weight("nitro") == recipe("tiny").cache_draw_weight("init") == 1
+    with pytest.raises(ValueError, match="nitro.small_patterned_weight"):
+        apply_overrides(recipe("tiny"), ["nitro.small_patterned_weight=0"])
+
+
 def test_head_probe_shows_a_trained_pool_fresh_latents_from_each_source(tiny_run, capsys):
     """bench/head_probe.py: the run's pool judges dataset latents, teacher samples and students' one-step outputs
     with one shared noise and crop draw, so the run's own student shown again under another name gets the very same

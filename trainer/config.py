@@ -83,6 +83,13 @@ class TrainConfig:
         _check(not (self.nitro.reg_multistep == "teacher" and self.teacher.solver == "ddim"),
                "nitro.reg_multistep=teacher starts the teacher part-way: use teacher.solver dpmsolver++, euler or lcm")
 
+    def cache_draw_weight(self, stage: str) -> float:
+        """How much more often `stage` ("init" or "nitro") draws cached pairs of small striped or checkered objects:
+        cache.small_patterned_weight, which stage 3 overrides with nitro.small_patterned_weight when that is set."""
+        if stage == "nitro" and self.nitro.small_patterned_weight is not None:
+            return self.nitro.small_patterned_weight
+        return self.cache.small_patterned_weight
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -84,7 +84,7 @@ class InitJob(StageJob):
     def start(self, stage: Stage) -> None:
         self.unet, self.opt = self.acc.prepare(self.unet, self.opt)
         self.unet.train()
-        self.cache = PairCache(self.cache_dir, small_patterned_weight=self.cfg.cache.small_patterned_weight)
+        self.cache = PairCache(self.cache_dir, small_patterned_weight=self.cfg.cache_draw_weight("init"))
         self.abar = alphas_cumprod(self.source.noise_schedule)
         self.sampler = LCMSampler(self.abar)
 

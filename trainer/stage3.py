@@ -135,7 +135,7 @@ class NitroJob(StageJob):
                               None if fake_score is None else acc.unwrap_model(fake_score), opt_fake)
         student.train()
         pool.train()
-        self.cache = PairCache(self.cache_dir, small_patterned_weight=self.cfg.cache.small_patterned_weight)
+        self.cache = PairCache(self.cache_dir, small_patterned_weight=self.cfg.cache_draw_weight("nitro"))
         self.reals = None
         if c.real == "data":  # dataset latents (shapes: the teacher stage's pool; --from: the --prompts images)
             self.reals = self.source.real_pool(self.frozen, acc, self.cache_dir)

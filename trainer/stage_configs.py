@@ -215,7 +215,8 @@ class CacheConfig:
     # its draws. The students' weakest cells are the teacher's (docs/training.md, round 26: the same weight on the
     # teacher's draws moved the init +1.8); shapes grammar prompts only. Round 27, w = 2 over one teacher: it acts
     # through stage 3 (1-step shapes-FID -11.6 and -12.2 paired, over two inits); weighting the init too costs 1.7
-    # points of alignment, stage 3 alone none. The recipe keeps 1 until a second teacher confirms it.
+    # points of alignment, stage 3 alone none (nitro.small_patterned_weight weights stage 3 alone). The recipe keeps 1
+    # until a second teacher confirms it.
     small_patterned_weight: float = 1.0
 
     def __post_init__(self):
@@ -406,9 +407,15 @@ class NitroConfig:
     # 25.32 (0.9 better), so the recipe keeps DMD2's. Round 24, paired against [20, 980] over the same stages on the
     # eval set: -0.7 [-1.5, +0.2] points, shapes-FID -3.05 [-4.26, -1.90] at 1 step (docs/training.md, rounds 22-24).
     dmd_t_range: tuple[int, int] = (20, 980)
+    # Stage 3's own cache.small_patterned_weight (None: the cache's, which the init uses too). Why apart: round 27
+    # measured that the weight helps through stage 3 (1-step shapes-FID -11.6 and -12.2, paired) while weighting
+    # the init as well costs 1.7 points of alignment [-2.7, -0.8]; this key weights stage 3's draws alone.
+    small_patterned_weight: float | None = None
 
     def __post_init__(self):
         self.phase_steps = tuple(self.phase_steps)
+        _check(self.small_patterned_weight is None or self.small_patterned_weight > 0,
+               "nitro.small_patterned_weight must be > 0 (or null: cache.small_patterned_weight)")
         _check(self.loss in ("softplus", "hinge"), "nitro.loss must be 'softplus' or 'hinge'")
         _check(0 < self.shift <= 1000, "nitro.shift must be in (0, 1000]")
         _check(self.real in ("teacher", "data"), "nitro.real must be 'teacher' or 'data'")
