@@ -559,7 +559,7 @@ def test_nitro_seed_reseeds_stage_3_alone(tiny_run, tmp_path):
 def test_nitro_small_patterned_weight_weights_stage_3_draws_alone(tiny_run, tmp_path):
     """nitro.small_patterned_weight=2 trains stage 3 exactly as cache.small_patterned_weight=2 does over the same
     init (bit for bit), and nitro.small_patterned_weight=1 undoes a cache weight of 2 for stage 3, while the init
-    keeps the cache's weight: round 27 found the weight pays in stage 3 and costs alignment in the init."""
+    keeps the cache's weight (round 28 measured it; docs/training.md)."""
     students = _stage3_students(tiny_run, tmp_path, {
         "nitro2": ["nitro.small_patterned_weight=2"], "cache2": ["cache.small_patterned_weight=2"],
         "plain": [], "cache2_nitro1": ["cache.small_patterned_weight=2", "nitro.small_patterned_weight=1"]})
