@@ -569,6 +569,18 @@ def test_nitro_small_patterned_weight_weights_stage_3_draws_alone(tiny_run, tmp_
     assert any(not torch.equal(students["plain"][k], v) for k, v in students["nitro2"].items())
     cfg = apply_overrides(recipe("tiny"), ["cache.small_patterned_weight=3", "nitro.small_patterned_weight=2"])
     assert (cfg.cache_draw_weight("init"), cfg.cache_draw_weight("nitro")) == (3, 2)
+
+    from trainer.cache import PairCache
+    from trainer.loop import Stage, make_accelerator
+    from trainer.source import make_source
+    from trainer.stage2 import InitJob
+
+    work, acc = tmp_path / "plain", make_accelerator(cfg.run)
+    init = InitJob(cfg, tmp_path / "probe", make_source(cfg, work), work / "cache", acc)
+    stage = Stage("init", tmp_path / "probe", cfg, acc, 1)
+    init.build(stage)
+    init.start(stage)  # the init's own cache draws: the cache's weight 3, not stage 3's 2
+    torch.testing.assert_close(init.cache.weights, PairCache(work / "cache", small_patterned_weight=3).weights)
     assert recipe("tiny").cache_draw_weight("nitro") == recipe("tiny").cache_draw_weight("init") == 1
     with pytest.raises(ValueError, match="nitro.small_patterned_weight"):
         apply_overrides(recipe("tiny"), ["nitro.small_patterned_weight=0"])
