@@ -11,6 +11,10 @@ within noise of each other).
     python bench/pick_run.py --recipe shapes16 --run seed0=W0/model --run seed1=W1/model --images 1000
     python bench/pick_run.py --run a=A/model --run b=B/model --steps 4     # 4-step images; b paired against a
     python bench/pick_run.py --run T4=models/default --run d=D/model --run p=P/model --ref T4 --ref d
+    python bench/pick_run.py --run end=W/model --run s500=W/nitro/unet_step500     # a bare UNet folder (a snapshot)
+
+A run may be a bare diffusers UNet folder (a stage-3 snapshot, `nitro.snapshot_every`, or a work folder's init/unet):
+its images come from the first run's model with that UNet's weights swapped in.
 
 Every run draws the same prompts and noise, so each run is also paired against a reference run (the first, or each
 `--ref` in turn: one table per reference): its alignment and its shapes-FID minus the reference's, with the paired
@@ -26,10 +30,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 sys.path.insert(0, str(ROOT))
 
 
-def validation_scores(recipe_name: str, runs: dict[str, Path], n: int, steps: int = 1) -> dict[str, dict]:
+def validation_scores(recipe_name: str, runs: dict[str, tuple[Path, Path | None]], n: int,
+                      steps: int = 1) -> dict[str, dict]:
+    """runs: name -> (model folder, UNet weights file swapped into it, or None)."""
     from nitrofusion.generation import GenerationRequest
     from nitrofusion.pipeline import load_pipeline
     from trainer.config import recipe
@@ -43,8 +50,8 @@ def validation_scores(recipe_name: str, runs: dict[str, Path], n: int, steps: in
     real = extract(net, real_images(cfg, "train", n, offset=VAL_REAL_OFFSET))
     side = cfg.data.image_size
     out = {}
-    for name, model in runs.items():
-        pipe = load_pipeline(model, device="cpu", backend="torch", dtype="float32")
+    for name, (model, unet_file) in runs.items():
+        pipe = load_pipeline(model, unet_file, device="cpu", backend="torch", dtype="float32")
         reqs = [GenerationRequest(p, steps, VAL_SEED0 + i, side, side) for i, p in enumerate(prompts)]
         images = np.stack([im for s in range(0, n, 200) for im in pipe(reqs[s:s + 200])])
         hits = detections(images, attrs)["all"]
@@ -97,13 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref", action="append", default=[], metavar="NAME",
                     help="pair every other run against this one (repeatable: one table each; default the first run)")
     args = ap.parse_args(argv)
-    runs = {}
+    runs: dict[str, tuple[Path, Path | None]] = {}
     for item in args.run:
         name, sep, folder = item.partition("=")
-        if not sep or not (Path(folder) / "model_index.json").is_file():
-            print(f"--run {item!r}: expected NAME=MODEL_DIR with an exported model", file=sys.stderr)
+        weights = Path(folder) / UNET_WEIGHTS
+        if sep and (Path(folder) / "model_index.json").is_file():
+            runs[name] = (Path(folder), None)
+        elif sep and runs and weights.is_file():  # a bare UNet: the first run's model around it
+            runs[name] = (next(iter(runs.values()))[0], weights)
+        else:
+            print(f"--run {item!r}: expected NAME=MODEL_DIR with an exported model (or, after one, NAME=UNET_DIR "
+                  f"with {UNET_WEIGHTS})", file=sys.stderr)
             return 2
-        runs[name] = Path(folder)
     unknown = [r for r in args.ref if r not in runs]
     if unknown:
         print(f"--ref {unknown[0]!r}: not one of the runs ({', '.join(runs)})", file=sys.stderr)

@@ -301,3 +301,52 @@ def test_compare_runs_by_fill_splits_each_rows_hits_by_object_size_and_fill(tmp_
     assert cells[1].startswith("0.0%")
     with pytest.raises(SystemExit, match="train_config.json"):
         mod.eval_attributes(tmp_path, "train", 4)
+
+
+def _unet_folder(folder, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text("{}\n")
+
+
+def test_average_models_writes_the_weighted_mean_unet_into_a_copy_of_the_first_model(tmp_path, capsys):
+    """bench/average_models.py: the output is the first model folder with its UNet replaced by the weighted mean of
+    every given UNet (a model folder's unet/ or a bare UNet folder), float tensors only; integer tensors are the
+    first's. Mismatched tensors and a bare UNet first are refused with a message, not a traceback."""
+    import torch
+    from safetensors.torch import load_file
+
+    mod = load_script("bench/average_models.py")
+    a, b = tmp_path / "a", tmp_path / "b"
+    _unet_folder(a / "unet", {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor([7])})
+    (a / "model_index.json").write_text("{}\n")
+    (a / "vae").mkdir()
+    _unet_folder(b, {"w": torch.tensor([5.0, 10.0]), "n": torch.tensor([9])})
+    out = tmp_path / "soup"
+    assert mod.main(["--out", str(out), "--model", str(a), "--model", str(b), "--weight", "1", "--weight", "3"]) == 0
+    sd = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert sd["w"].tolist() == [4.0, 8.0] and sd["w"].dtype == torch.float32
+    assert sd["n"].tolist() == [7]
+    assert (out / "model_index.json").is_file() and (out / "vae").is_dir()
+    # the inputs are untouched (the copy is not a hard link to the first model's weights)
+    assert load_file(str(a / "unet" / "diffusion_pytorch_model.safetensors"))["w"].tolist() == [1.0, 2.0]
+
+    bad = tmp_path / "bad"
+    _unet_folder(bad, {"w": torch.zeros(3), "n": torch.tensor([1])})
+    capsys.readouterr()
+    assert mod.main(["--out", str(tmp_path / "x"), "--model", str(a), "--model", str(bad)]) == 2
+    assert "has shape (3,)" in capsys.readouterr().err
+    assert mod.main(["--out", str(tmp_path / "x"), "--model", str(b), "--model", str(a)]) == 2
+    assert "exported model folder" in capsys.readouterr().err
+
+
+def test_pick_run_takes_a_bare_unet_only_after_a_model(tmp_path, capsys):
+    """A snapshot (bare UNet folder) borrows the first run's model, so it cannot be the first run."""
+    import torch
+
+    mod = load_script("bench/pick_run.py")
+    _unet_folder(tmp_path / "snap", {"w": torch.zeros(1)})
+    assert mod.main(["--run", f"s={tmp_path / 'snap'}"]) == 2
+    assert "after one, NAME=UNET_DIR" in capsys.readouterr().err
