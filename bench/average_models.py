@@ -35,23 +35,21 @@ def average_state_dicts(dirs: list[Path], weights: list[float]) -> dict:
 
     total = sum(weights)
     out: dict = {}
-    first_keys = None
+    dtypes: dict = {}
     for d, w in zip(dirs, weights):
         sd = load_file(str(d / WEIGHTS_FILE))
-        if first_keys is None:
-            first_keys = set(sd)
+        if not out:
+            dtypes = {k: v.dtype for k, v in sd.items()}
             out = {k: (v.double() * (w / total) if v.is_floating_point() else v.clone()) for k, v in sd.items()}
             continue
-        if set(sd) != first_keys:
+        if set(sd) != set(out):
             raise ValueError(f"{d}: its UNet's tensors differ in names from {dirs[0]}'s")
         for k, v in sd.items():
             if v.shape != out[k].shape:
                 raise ValueError(f"{d}: {k} has shape {tuple(v.shape)}, {dirs[0]} has {tuple(out[k].shape)}")
             if v.is_floating_point():
                 out[k] += v.double() * (w / total)
-    ref = load_file(str(dirs[0] / WEIGHTS_FILE))
-    return {k: v.to(ref[k].dtype).contiguous() for k, v in out.items()}
-
+    return {k: v.to(dtypes[k]).contiguous() for k, v in out.items()}
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
