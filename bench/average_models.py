@@ -51,6 +51,7 @@ def average_state_dicts(dirs: list[Path], weights: list[float]) -> dict:
                 out[k] += v.double() * (w / total)
     return {k: v.to(dtypes[k]).contiguous() for k, v in out.items()}
 
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", required=True, type=Path)
