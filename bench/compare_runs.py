@@ -21,7 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ROWS = ("one-step init", "NitroFusion 1 step", "NitroFusion 2 steps", "NitroFusion 3 steps", "NitroFusion 4 steps")
+ROWS = ("one-step init", "NitroFusion 1 step", "NitroFusion 2 steps", "NitroFusion 3 steps", "NitroFusion 4 steps",
+        # the held-out combinations, paired like the rest (their own prompts, seeds and FID reference)
+        "held-out: teacher (25 steps)", "held-out: one-step init", "held-out: NitroFusion 1 step",
+        "held-out: NitroFusion 4 steps")
 
 
 def load_rows(work: Path) -> dict[str, dict]:

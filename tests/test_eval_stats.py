@@ -176,8 +176,12 @@ def test_compare_runs_pairs_each_variant_with_the_reference_row_by_row(tmp_path)
     write(tmp_path / "var", "NitroFusion 4 steps", None)
     write(tmp_path / "ref", "teacher (25 steps, guidance 3)", better)  # a variant with a teacher of its own
     write(tmp_path / "var", "teacher (25 steps, guidance 3)", base)
+    write(tmp_path / "ref", "held-out: NitroFusion 1 step", better)  # the held-out rows are paired too
+    write(tmp_path / "var", "held-out: NitroFusion 1 step", base)
     mod = load_script("bench/compare_runs.py")
     lines = mod.table(("ctrl", tmp_path / "ref"), [("mm", tmp_path / "var")])
+    held = next(line for line in lines if line.startswith("| mm | held-out: NitroFusion 1 step"))
+    assert float(held.split("| -5.0 [")[1].split(",")[1].split("]")[0]) < 0
     one = next(line for line in lines if line.startswith("| mm | NitroFusion 1 step"))
     lo = float(one.split("| +5.0 [")[1].split(",")[0])
     assert lo > 0
