@@ -127,14 +127,7 @@ def _shapes16() -> TrainConfig:
                             # against the same schedule without the heads' signal, shapes-FID -3.22 [-4.19, -2.38]
                             # at 1 step and -0.81 [-1.55, -0.11] at 4 (paired; heads at 1: -1.99 and -0.38). Stage 3
                             # costs about 1.8x the schedule without the term.
-                            dmd_weight=3.0, dmd_fake_steps=3,
-                            # 2 x 16 rows an iteration for half the iterations, lr x sqrt(2): the same compute
-                            # (round 30). Against 16 rows, paired, 2,000 eval images, seeds 1 / 2 / 3 over one
-                            # init: 1 step -1.0 / -0.9 / +0.7 points, shapes-FID -13.40 / -3.08 / -0.49 (1.28 /
-                            # 1.20 / 1.38x the teacher's, from 1.92 / 1.35 / 1.40x), 4 steps -8.78 / -5.39 / -1.82.
-                            # At 16 rows, 50 iterations moved the 1-step student as far as a new seed (round 29).
-                            phase_steps=(250, 75, 75, 75),
-                            optim=replace(NitroConfig().optim, grad_accum=2, lr=7e-5))
+                            dmd_weight=3.0, dmd_fake_steps=3)
     cfg.preview = PreviewConfig(blocks=(2, 2, 1))  # one block count per decoder level: three levels at 4x down
     return cfg
 
